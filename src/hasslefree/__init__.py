@@ -1,0 +1,28 @@
+"""hasslefree: one-shot sparse + low-rank compression of LLM linear layers.
+
+Each linear layer W is approximated by W_S + U Vᵀ with W_S in a sparsity pattern (N:M or
+unstructured) and rank(U Vᵀ) ≤ r, minimising the layer's output error on calibration data,
+tr((W − Ŵ) H (W − Ŵ)ᵀ) with H = XᵀX.
+"""
+
+from hasslefree.decompose import Decomposition, decompose_layer
+from hasslefree.hessian import HessianAccumulator, prepare_hessian
+from hasslefree.objective import layer_objective
+from hasslefree.patterns import SparsityPattern
+from hasslefree.presets import PRESETS
+from hasslefree.rank_policy import RankPolicy, parameter_count
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decomposition",
+    "HessianAccumulator",
+    "PRESETS",
+    "RankPolicy",
+    "SparsityPattern",
+    "decompose_layer",
+    "layer_objective",
+    "parameter_count",
+    "prepare_hessian",
+    "__version__",
+]

@@ -1,0 +1,115 @@
+"""The layer Hessian H = XᵀX: accumulation, dead inputs, damping and a robust Cholesky.
+
+H is the only thing the layer solvers need from the calibration data, so it is built once
+per distinct layer input (q/k/v share one) and reused across all alternating iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Running mean of xᵀx over calibration tokens, from activations of any leading shape.
+
+    A running mean (rather than a sum) keeps the scale independent of the calibration
+    size, so damping and learning rates need no retuning when nsamples changes.
+    """
+
+    def __init__(self, in_features: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.in_features = in_features
+        self.hessian = torch.zeros(in_features, in_features, device=device, dtype=dtype)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, activations: torch.Tensor) -> None:
+        """Fold in a batch of inputs shaped (..., in_features)."""
+        if activations.shape[-1] != self.in_features:
+            raise ValueError(
+                f"activation width {activations.shape[-1]} does not match the layer's "
+                f"{self.in_features} inputs"
+            )
+        x = activations.reshape(-1, self.in_features).to(self.hessian.device, self.hessian.dtype)
+        count = x.shape[0]
+        if count == 0:
+            return
+        total = self.tokens + count
+        self.hessian.mul_(self.tokens / total)
+        self.hessian.addmm_(x.T, x, alpha=1.0 / total)
+        self.tokens = total
+
+
+@dataclass
+class PreparedHessian:
+    """H ready for the solvers.
+
+    ``raw`` is the (dead-input-fixed) XᵀX that defines the true objective; ``damped`` adds
+    λI (+ optional per-coordinate term) for the solvers; ``chol`` is its lower Cholesky
+    factor; ``dead`` flags inputs that never fire (their weight columns are irrelevant).
+    """
+
+    raw: torch.Tensor
+    damped: torch.Tensor
+    chol: torch.Tensor
+    dead: torch.Tensor
+    damping: float
+    _inverse_upper: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def diag_sqrt(self) -> torch.Tensor:
+        """D = sqrt(diag(H)) of the damped Hessian (the paper's diagonal scaling)."""
+        return self.damped.diagonal().sqrt()
+
+    def inverse(self) -> torch.Tensor:
+        return torch.cholesky_inverse(self.chol)
+
+    def inverse_cholesky_upper(self) -> torch.Tensor:
+        """Upper Cholesky factor of H⁻¹ (SparseGPT's row-wise OBS weights), cached.
+
+        H is fixed across all alternating iterations, so this is paid once per layer.
+        """
+        if self._inverse_upper is None:
+            self._inverse_upper = torch.linalg.cholesky(self.inverse(), upper=True)
+        return self._inverse_upper
+
+
+def prepare_hessian(
+    hessian: torch.Tensor,
+    *,
+    percdamp: float = 0.01,
+    coordinate_damp: float = 0.0,
+    dtype: torch.dtype | None = None,
+    max_tries: int = 8,
+) -> PreparedHessian:
+    """Fix dead inputs, damp, and factor H, escalating damping until Cholesky succeeds.
+
+    Dead inputs (H_jj = 0, the paper's Assumption 1) get H_jj = 1 so D = sqrt(diag H) is
+    invertible; their columns carry no signal, which the objective already reflects.
+    Damping is ``percdamp * mean(diag H) * I + coordinate_damp * diag(H)``.
+    """
+    work = hessian.to(dtype or hessian.dtype).clone()
+    diag = work.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    raw = work.clone()
+    mean_diag = float(diag.mean())
+    damping = percdamp * mean_diag
+    for attempt in range(max_tries):
+        damped = raw.clone()
+        damped.diagonal().add_(damping + coordinate_damp * raw.diagonal())
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            if attempt:
+                logger.warning("Cholesky needed damping %.3g (x%d escalation)", damping, attempt)
+            return PreparedHessian(raw=raw, damped=damped, chol=chol, dead=dead, damping=damping)
+        damping = max(damping * 10.0, 1e-8 * max(mean_diag, 1e-12))
+    raise ValueError(
+        f"Hessian is not positive definite even with damping {damping:.3g}; "
+        "check the calibration activations for NaN/Inf or a degenerate layer"
+    )
