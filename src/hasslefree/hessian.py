@@ -85,7 +85,7 @@ def prepare_hessian(
     percdamp: float = 0.01,
     coordinate_damp: float = 0.0,
     dtype: torch.dtype | None = None,
-    max_tries: int = 8,
+    max_tries: int = 12,
 ) -> PreparedHessian:
     """Fix dead inputs, damp, and factor H, escalating damping until Cholesky succeeds.
 
@@ -108,7 +108,7 @@ def prepare_hessian(
             if attempt:
                 logger.warning("Cholesky needed damping %.3g (x%d escalation)", damping, attempt)
             return PreparedHessian(raw=raw, damped=damped, chol=chol, dead=dead, damping=damping)
-        damping = max(damping * 10.0, 1e-8 * max(mean_diag, 1e-12))
+        damping = damping * 10.0 if damping > 0 else 1e-6 * abs(mean_diag)
     raise ValueError(
         f"Hessian is not positive definite even with damping {damping:.3g}; "
         "check the calibration activations for NaN/Inf or a degenerate layer"

@@ -62,7 +62,8 @@ class SparsityPattern:
             return cls("dense")
         match = _NM.match(spec)
         if match:
-            return cls("nm", n=int(match.group(1)), m=int(match.group(2)), density=int(match.group(1)) / int(match.group(2)))
+            n, m = int(match.group(1)), int(match.group(2))
+            return cls("nm", n=n, m=m, density=n / m if m else 0.0)
         match = _UNSTRUCTURED.match(spec.lower())
         if match:
             value = float(match.group(2)) / (100.0 if match.group(3) else 1.0)

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+import hasslefree as hf
+from hasslefree.hessian import prepare_hessian
+from hasslefree.patterns import SparsityPattern
+
+from conftest import correlated_problem
+
+
+def _oats_reference(weight, diag_h, rank, n, m, iterations):
+    """OATS as published: scale columns by sqrt(diag H); from S = 0 alternate a truncated
+    SVD of (DW − S) and N:M hard thresholding of (DW − L); unscale at the end."""
+    d = diag_h.sqrt()
+    scaled = weight * d
+    sparse = torch.zeros_like(scaled)
+    for _ in range(iterations):
+        u, s, vt = torch.linalg.svd(scaled - sparse, full_matrices=False)
+        low = (u[:, :rank] * s[:rank]) @ vt[:rank]
+        resid = scaled - low
+        groups = resid.abs().reshape(resid.shape[0], -1, m)
+        drop = groups.topk(m - n, dim=2, largest=False).indices
+        mask = torch.ones_like(groups, dtype=torch.bool).scatter_(2, drop, False).reshape(resid.shape)
+        sparse = resid * mask
+    return (low + sparse) / d
+
+
+def test_oats_preset_equals_the_published_update_on_a_diagonal_hessian():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 32, generator=gen, dtype=torch.float64)
+    diag_h = torch.rand(32, generator=gen, dtype=torch.float64) * 3 + 0.1
+    result = hf.decompose_layer(weight, torch.diag(diag_h), "2:4", 5, "oats", iterations=15,
+                                dtype=torch.float64)
+    expected = _oats_reference(weight, diag_h, 5, 2, 4, 15)
+    torch.testing.assert_close(result.to_dense(), expected, rtol=1e-9, atol=1e-9)
+    assert result.best_iteration == 15  # exact alternating minimisation never goes up
+
+
+@pytest.mark.parametrize("start", ["sparse", "lowrank"])
+def test_magnitude_svd_with_identity_hessian_never_increases(start):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(30, 40, generator=gen, dtype=torch.float64)
+    result = hf.decompose_layer(weight, torch.eye(40, dtype=torch.float64), "2:4", 6, "magnitude-svd",
+                                iterations=25, start=start, percdamp=0.0, dtype=torch.float64)
+    history = torch.tensor(result.history)
+    assert (history[1:] <= history[:-1] * (1 + 1e-12)).all()
+    assert history[-1] < history[0]
+
+
+@pytest.mark.parametrize("method", ["hassle-free", "hassle-free-exact", "oats", "hassle-free-alps"])
+def test_best_iterate_is_no_worse_than_any_iterate(method):
+    weight, hessian = correlated_problem(20, 32, seed=2)
+    result = hf.decompose_layer(weight, hessian, "2:4", 4, method, iterations=12, dtype=torch.float64)
+    assert result.objective(hessian) == pytest.approx(min(result.history), rel=1e-9)
+    assert all(result.objective(hessian) <= value * (1 + 1e-12) for value in result.history)
+    assert result.history[result.best_iteration - 1] == min(result.history)
+
+
+def test_hassle_free_beats_oats_and_sparsegpt_on_correlated_inputs():
+    weight, hessian = correlated_problem(48, 64, tokens=600, seed=3)
+    f = {m: hf.decompose_layer(weight, hessian, "2:4", 0 if hf.PRESETS[m].prunes_only else 8, m,
+                               iterations=30, dtype=torch.float64).relative_objective(hessian)
+         for m in ["sparsegpt", "oats", "hassle-free", "hassle-free-exact"]}
+    assert f["hassle-free-exact"] < f["oats"]
+    assert f["hassle-free-exact"] < f["sparsegpt"]
+    assert f["hassle-free"] < f["sparsegpt"]
+
+
+def test_early_stop_reports_iterations_used():
+    weight, hessian = correlated_problem(20, 32, seed=4)
+    result = hf.decompose_layer(weight, hessian, "2:4", 4, "hassle-free-exact", iterations=200,
+                                tolerance=1e-3, patience=3)
+    assert 3 < result.iterations < 200
+
+
+def test_seed_makes_runs_reproducible():
+    weight, hessian = correlated_problem(10, 16, seed=5)
+    a = hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free", iterations=3, seed=7)
+    b = hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free", iterations=3, seed=7)
+    c = hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free", iterations=3, seed=8)
+    assert torch.equal(a.to_dense(), b.to_dense())
+    assert not torch.equal(a.to_dense(), c.to_dense())
+
+
+def test_full_rank_and_dense_pattern_is_lossless():
+    weight, hessian = correlated_problem(8, 12, seed=6)
+    result = hf.decompose_layer(weight, hessian, "dense", 0, "sparsegpt", dtype=torch.float64)
+    torch.testing.assert_close(result.to_dense(), weight)

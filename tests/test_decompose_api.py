@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+import hasslefree as hf
+from hasslefree.rank_policy import RankPolicy
+
+from conftest import correlated_problem
+
+
+def test_result_shapes_pattern_and_counts():
+    weight, hessian = correlated_problem(20, 24, seed=0, dtype=torch.float32)
+    result = hf.decompose_layer(weight, hessian, pattern="2:4", rank=3, method="hassle-free-exact",
+                                iterations=4, seed=0)
+    assert result.sparse.shape == (20, 24) and result.U.shape == (20, 3) and result.V.shape == (24, 3)
+    assert (result.sparse.reshape(20, 6, 4) != 0).sum(-1).max() <= 2
+    assert result.rank == 3 and result.iterations == 4 and len(result.history) == 4
+    assert result.seconds > 0
+    assert result.parameter_count == 20 * 12 + 3 * (20 + 24)
+    assert 0 < result.relative_objective(hessian) < 1
+    assert hf.layer_objective(weight, result.to_dense(), hessian) == pytest.approx(result.objective(hessian))
+
+
+def test_dead_inputs_are_zeroed_and_ignored():
+    weight, hessian = correlated_problem(8, 16, seed=1)
+    hessian[3, :] = 0
+    hessian[:, 3] = 0
+    result = hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free-exact", iterations=3)
+    assert torch.isfinite(result.to_dense()).all()
+    assert torch.all(result.sparse[:, 3] == 0)
+
+
+def test_rank_policies_follow_the_guide_formulas():
+    pattern = hf.SparsityPattern.parse("2:8")
+    rank, _ = RankPolicy.compression(0.5).resolve(pattern, 576, 1536)
+    assert rank == int((1 - 0.5 - 0.25) * 576 * 1536 / (576 + 1536))
+    rank, unstructured = RankPolicy.rank_ratio(0.3, 0.5).resolve(hf.SparsityPattern.parse("unstructured:0.5"), 100, 60)
+    assert rank == int(0.3 * 0.5 * 6000 / 160)
+    assert unstructured.nonzeros == int(0.7 * 0.5 * 6000)
+    total = hf.parameter_count(unstructured, rank, 100, 60)
+    assert total <= 0.5 * 6000
+
+
+BAD = [
+    (dict(pattern="2:4"), (8, 10), "not divisible by M=4"),
+    (dict(pattern="4:4"), (8, 8), "N must be smaller than M"),
+    (dict(rank=9), (8, 12), "exceeds min"),
+    (dict(method="nope"), (8, 8), "unknown method"),
+    (dict(method="sparsegpt", rank=4), (8, 8), "prunes only"),
+]
+
+
+@pytest.mark.parametrize("kwargs,shape,message", BAD)
+def test_bad_arguments_raise_before_work(kwargs, shape, message):
+    weight = torch.randn(*shape)
+    hessian = torch.eye(shape[1])
+    args = dict(pattern="2:4", rank=2, method="hassle-free") | kwargs
+    with pytest.raises(ValueError, match=message):
+        hf.decompose_layer(weight, hessian, **args)
+
+
+def test_bad_tensors_raise():
+    weight = torch.randn(8, 8)
+    bad = weight.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        hf.decompose_layer(bad, torch.eye(8), "2:4", 2)
+    h = torch.eye(8)
+    h[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="Hessian contains NaN or Inf"):
+        hf.decompose_layer(weight, h, "2:4", 2)
+    with pytest.raises(ValueError, match="square"):
+        hf.decompose_layer(weight, torch.ones(8, 4), "2:4", 2)
+    with pytest.raises(ValueError, match="expected 8x8"):
+        hf.decompose_layer(weight, torch.eye(6), "2:4", 2)
