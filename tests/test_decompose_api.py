@@ -72,3 +72,14 @@ def test_bad_tensors_raise():
         hf.decompose_layer(weight, torch.ones(8, 4), "2:4", 2)
     with pytest.raises(ValueError, match="expected 8x8"):
         hf.decompose_layer(weight, torch.eye(6), "2:4", 2)
+
+
+def test_group_shares_one_hessian_and_matches_separate_calls():
+    weight, hessian = correlated_problem(12, 16, seed=3)
+    other = torch.randn(6, 16, dtype=torch.float64)
+    group = hf.decompose_group({"q": weight, "k": other}, hessian, pattern="2:4", rank=2,
+                               method="hassle-free-exact", iterations=3, dtype=torch.float64)
+    alone = hf.decompose_layer(other, hessian, "2:4", 2, "hassle-free-exact", iterations=3, dtype=torch.float64)
+    torch.testing.assert_close(group["k"].to_dense(), alone.to_dense())
+    with pytest.raises(ValueError, match="bad: Hessian is 16x16 but the weight has 10 inputs"):
+        hf.decompose_group({"ok": weight, "bad": torch.randn(4, 10)}, hessian, pattern="2:4", rank=2)

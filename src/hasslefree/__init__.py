@@ -5,8 +5,8 @@ unstructured) and rank(U Vᵀ) ≤ r, minimising the layer's output error on cal
 tr((W − Ŵ) H (W − Ŵ)ᵀ) with H = XᵀX.
 """
 
-from hasslefree.decompose import Decomposition, decompose_layer
-from hasslefree.hessian import HessianAccumulator, prepare_hessian
+from hasslefree.decompose import Decomposition, decompose_group, decompose_layer
+from hasslefree.hessian import HessianAccumulator, PreparedHessian, prepare_hessian
 from hasslefree.objective import layer_objective
 from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import PRESETS
@@ -18,8 +18,10 @@ __all__ = [
     "Decomposition",
     "HessianAccumulator",
     "PRESETS",
+    "PreparedHessian",
     "RankPolicy",
     "SparsityPattern",
+    "decompose_group",
     "decompose_layer",
     "layer_objective",
     "parameter_count",

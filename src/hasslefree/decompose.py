@@ -6,11 +6,12 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from hasslefree.alternating import alternate
-from hasslefree.hessian import prepare_hessian
+from hasslefree.hessian import PreparedHessian, prepare_hessian
 from hasslefree.lowrank import LOWRANK_SOLVERS
 from hasslefree.objective import layer_objective
 from hasslefree.patterns import SparsityPattern
@@ -63,7 +64,7 @@ class Decomposition:
 
 def decompose_layer(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
     pattern: str | SparsityPattern = "2:4",
     rank: int | RankPolicy = 64,
     method: str = "hassle-free",
@@ -85,17 +86,20 @@ def decompose_layer(
     """Decompose one linear layer's weight (out x in) into sparse + low rank.
 
     ``hessian`` is XᵀX (in x in) of the layer's inputs (any positive scale; a running mean
-    is typical). ``method`` names a preset (see :data:`hasslefree.presets.PRESETS`);
+    is typical), or a :class:`PreparedHessian` shared by layers with the same input (then
+    ``percdamp``/``coordinate_damp``/``dtype`` of that preparation apply). ``method`` names a preset (see :data:`hasslefree.presets.PRESETS`);
     ``sparse_solver``/``lowrank_solver``/``start`` override its parts, so any P1 can be
     combined with any P2. Every argument is checked before any work is done.
     """
-    pattern, rank_value, method_spec = _validate(weight, hessian, pattern, rank, method, iterations,
+    raw_hessian = hessian.raw if isinstance(hessian, PreparedHessian) else hessian
+    pattern, rank_value, method_spec = _validate(weight, raw_hessian, pattern, rank, method, iterations,
                                                  sparse_solver, lowrank_solver, start, name)
     sparse_name = sparse_solver or method_spec.sparse
     lowrank_name = lowrank_solver or method_spec.lowrank
     began = time.perf_counter()
-    prepared = prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype)
-    target = weight.to(dtype).clone()
+    prepared = (hessian if isinstance(hessian, PreparedHessian) else
+                prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype))
+    target = weight.to(prepared.raw.dtype).clone()
     target[:, prepared.dead] = 0  # inputs that never fire: their columns cannot matter
     generator = torch.Generator().manual_seed(seed)
     result = alternate(
@@ -116,6 +120,30 @@ def decompose_layer(
     return Decomposition(weight=target, sparse=result.sparse, U=result.U, V=result.V,
                          pattern=pattern, method=method, history=result.history, seconds=seconds,
                          best_iteration=result.best_iteration, initial_objective=initial)
+
+
+def decompose_group(
+    weights: Mapping[str, torch.Tensor],
+    hessian: torch.Tensor,
+    *,
+    percdamp: float = 0.01,
+    coordinate_damp: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    **options,
+) -> dict[str, Decomposition]:
+    """Decompose layers that read the same input (q/k/v, gate/up) with one shared H.
+
+    H is prepared (damped, factored, inverted) once for the whole group; ``options`` are
+    those of :func:`decompose_layer` and apply to every layer. All layers are validated
+    before any is decomposed.
+    """
+    for name, weight in weights.items():
+        _validate(weight, hessian, options.get("pattern", "2:4"), options.get("rank", 64),
+                  options.get("method", "hassle-free"), options.get("iterations"),
+                  options.get("sparse_solver"), options.get("lowrank_solver"), options.get("start"), name)
+    prepared = prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype)
+    return {name: decompose_layer(weight, prepared, name=name, **options)
+            for name, weight in weights.items()}
 
 
 def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver, lowrank_solver,
