@@ -1,0 +1,185 @@
+"""Low-level file handling: atomic writes, safetensors headers, the JSON config.
+
+Every failure is re-raised as :class:`CheckpointError` naming the file, because a
+bare library error ("incomplete metadata") does not say which of several files
+is broken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hasslefree.checkpoint.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "HeaderEntry",
+    "atomic_write",
+    "save_tensors_atomic",
+    "write_json_atomic",
+    "read_safetensors_header",
+    "read_checkpoint_config",
+    "open_tensors",
+]
+
+FORMAT_NAME = "hasslefree-compressed"
+FORMAT_VERSION = 1
+CONFIG_NAME = "hasslefree_config.json"
+WEIGHTS_NAME = "model.safetensors"
+_REQUIRED_FIELDS = ("format", "format_version", "dtype", "hf_config", "weights", "layers")
+_MAX_HEADER_BYTES = 100 * 2**20
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor as described by a safetensors header."""
+
+    dtype: torch.dtype | None
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """Run ``writer(tmp)`` on a temp file next to ``path``, fsync it, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Atomically write a safetensors file."""
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """Atomically write pretty JSON (objects it cannot encode become strings)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    return str(obj)
+
+
+def read_safetensors_header(path: Path) -> dict[str, HeaderEntry]:
+    """Parse and sanity-check a safetensors header without reading tensor data."""
+    if not path.is_file():
+        raise CheckpointError(path, "weights file is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(path, f"truncated safetensors file ({size} bytes, no header)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(path, f"corrupted or truncated safetensors header (declares {header_len} bytes)")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        data_len = size - 8 - header_len
+        entries: dict[str, HeaderEntry] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = (int(v) for v in info["data_offsets"])
+            if not 0 <= begin <= end:
+                raise ValueError(f"bad data offsets for {key!r}")
+            if end > data_len:
+                raise CheckpointError(path, f"truncated safetensors file: tensor {key!r} ends past the file")
+            entries[key] = HeaderEntry(
+                SAFETENSORS_DTYPES.get(info["dtype"]), tuple(int(d) for d in info["shape"]), end - begin
+            )
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"corrupted safetensors header: {exc}") from exc
+    return entries
+
+
+def read_checkpoint_config(directory: Path) -> dict[str, Any]:
+    """Load ``hasslefree_config.json`` and check the fields every reader relies on."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(path, "config file is missing (not a hasslefree checkpoint?)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"invalid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(path, "top level must be a JSON object")
+    missing = [f for f in _REQUIRED_FIELDS if f not in config]
+    if missing:
+        raise CheckpointError(path, f"missing required field(s): {', '.join(missing)}")
+    if config["format"] != FORMAT_NAME:
+        raise CheckpointError(path, f"unknown format {config['format']!r} (expected {FORMAT_NAME!r})")
+    if config["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            path, f"unsupported format version {config['format_version']!r} (this library reads {FORMAT_VERSION})"
+        )
+    if not isinstance(config["layers"], list) or not isinstance(config["weights"], list):
+        raise CheckpointError(path, "'layers' and 'weights' must be lists")
+    for i, layer in enumerate(config["layers"]):
+        for field in ("name", "kind"):
+            if not isinstance(layer, dict) or field not in layer:
+                raise CheckpointError(path, f"layer #{i} is missing required field {field!r}")
+    return config
+
+
+@contextmanager
+def open_tensors(path: Path, device: str | torch.device = "cpu") -> Iterator[Callable[[str], torch.Tensor]]:
+    """Yield ``get(key) -> Tensor`` over a safetensors file, with errors naming the file."""
+    try:
+        handle_cm = safe_open(str(path), framework="pt", device=str(device))
+        handle = handle_cm.__enter__()
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(path, f"cannot open safetensors file: {exc}") from exc
+
+    def get(key: str) -> torch.Tensor:
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(path, f"cannot read tensor {key!r}: {exc}") from exc
+
+    try:
+        yield get
+    finally:
+        handle_cm.__exit__(None, None, None)

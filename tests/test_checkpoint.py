@@ -1,0 +1,355 @@
+"""Checkpoint format: exact codecs, save → load bit-identity, clear errors, size accounting."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hasslefree.checkpoint import (
+    CheckpointError,
+    ModuleCodec,
+    checkpoint_info,
+    estimate_compression,
+    format_info,
+    info_command,
+    load_compressed,
+    register_codec,
+    save_compressed,
+)
+from hasslefree.checkpoint.encoding import decode_sparse, encode_sparse, parse_pattern, sparse_tensor_specs
+from hasslefree.nn import SparseLowRankLinear, replace_linear
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+# ----------------------------------------------------------------- helpers
+def bits(t: Tensor) -> Tensor:
+    """Integer view so comparisons see -0.0, NaN payloads and every mantissa bit."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def prune(w: Tensor, pattern: str, g: torch.Generator) -> Tensor:
+    """Random (not magnitude) pruning to ``pattern``, then extra zeros so some groups hold < N."""
+    p = parse_pattern(pattern)
+    if p.kind == "nm":
+        out_f, in_f = w.shape
+        pad = (-in_f) % p.m
+        scores = torch.rand(out_f, (in_f + pad) // p.m, p.m, generator=g)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(p.n, -1).indices, True)
+        keep = keep.reshape(out_f, -1)[:, :in_f]
+    else:
+        keep = torch.rand(w.shape, generator=g) < 0.3
+    keep &= torch.rand(w.shape, generator=g) > 0.2  # groups with fewer than N nonzeros
+    if w.shape[0] > 2:
+        keep[1] = False  # an all-zero row
+    w = torch.where(keep, w, torch.zeros_like(w))
+    return torch.where(w == 0, torch.zeros_like(w), w)  # no -0.0 (it decodes as +0.0)
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """Tiny random Llama with 2:4 + rank 8, unstructured + rank 4 and a rank-0 layer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attention_bias=True, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or name == "lm_head":
+            continue
+        two_four = ("layers.0.self_attn" in name) or ("layers.1.mlp" in name)
+        pattern = "2:4" if two_four else "unstructured"
+        rank = 0 if name.endswith("layers.1.mlp.down_proj") else (8 if two_four else 4)
+        w = mod.weight.detach().float()
+        U = torch.randn(w.shape[0], rank, generator=g) * 0.05
+        V = torch.randn(w.shape[1], rank, generator=g) * 0.05
+        b = None if mod.bias is None else mod.bias.detach().float() + 0.01
+        new = SparseLowRankLinear.from_linear_parts(prune(w, pattern, g), U, V, b, pattern=pattern).to(dtype)
+        replace_linear(model, name, new)
+    return model.eval()
+
+
+def logits(model: nn.Module, seed: int = 1) -> Tensor:
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ----------------------------------------------------------------- codecs
+PATTERNS = ["2:4", "1:4", "2:8", "3:8", "4:8", "unstructured"]
+SHAPES = [(7, 13), (1, 8), (33, 100), (5, 3), (16, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_codec_round_trip_bit_exact(pattern: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(hash((pattern, str(dtype))) % 2**31)
+    for shape in SHAPES:
+        w = torch.randn(shape, generator=g) * 3
+        w.view(-1)[:3] = torch.tensor([float("inf"), 1e-39, -2.5e-42])[: w.numel()]  # inf, subnormals
+        w = prune(w.to(dtype), pattern, g)
+        enc = encode_sparse(w, pattern)
+        nnz = int((w != 0).sum())
+        specs = sparse_tensor_specs(pattern, shape, dtype, nnz)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in enc.items()} == specs
+        dec = decode_sparse(enc, pattern, shape)
+        assert dec.dtype == dtype and dec.shape == w.shape
+        assert torch.equal(bits(dec), bits(w)), (pattern, dtype, shape)
+
+
+def test_nm_storage_is_compact() -> None:
+    w = prune(torch.randn(64, 256), "2:4", torch.Generator().manual_seed(0)).bfloat16()
+    enc = encode_sparse(w, "2:4")
+    assert enc["values"].numel() == 64 * 128 and enc["indices"].dtype == torch.uint8
+    assert enc["indices"].numel() == 64 * 128 * 2 // 8  # 2 bits per kept value
+    enc38 = encode_sparse(prune(torch.randn(8, 64), "3:8", torch.Generator().manual_seed(0)), "3:8")
+    assert enc38["indices"].numel() == math.ceil(8 * 8 * 3 * 3 / 8)  # 3 bits per kept value
+    csr = encode_sparse(torch.eye(40000, 3).T.contiguous(), "unstructured")
+    assert csr["col_indices"].dtype == torch.int32  # width > 32768 needs int32
+    assert encode_sparse(torch.eye(8), "unstructured")["col_indices"].dtype == torch.int16
+
+
+def test_negative_zero_and_nan() -> None:
+    w = torch.tensor([[float("nan"), -0.0, 0.0, 1.0, -0.0, 0.0, 0.0, -3.0]])
+    for pattern in ("2:4", "unstructured"):
+        dec = decode_sparse(encode_sparse(w, pattern), pattern, (1, 8))
+        assert torch.isnan(dec[0, 0]) and dec[0, 3] == 1 and dec[0, 7] == -3
+        assert (dec[0, 1:3] == 0).all() and (dec[0, 4:7] == 0).all()
+
+
+def test_codec_rejects_violations_and_corruption() -> None:
+    with pytest.raises(ValueError, match="more than 2 nonzeros"):
+        encode_sparse(torch.ones(2, 8), "2:4")
+    with pytest.raises(ValueError, match="unknown sparsity pattern"):
+        parse_pattern("50%")
+    w = prune(torch.randn(4, 16), "3:8", torch.Generator().manual_seed(0))
+    enc = encode_sparse(w, "3:8")
+    enc["indices"] = torch.zeros_like(enc["indices"])  # every position 0: not strictly increasing
+    with pytest.raises(ValueError, match="corrupted"):
+        decode_sparse(enc, "3:8", (4, 16))
+
+
+# ----------------------------------------------------------------- save / load
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_bit_identical(tmp_path: Path, dtype: torch.dtype) -> None:
+    model = tiny_llama(dtype)
+    ref = logits(model)
+    save_compressed(model, tmp_path, run_config={"method": "hasslefree", "pattern": "2:4", "rank_policy": "fixed:8"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hasslefree_config.json", "model.safetensors"]
+    loaded = load_compressed(tmp_path)
+    assert torch.equal(bits(logits(loaded)), bits(ref))
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLowRankLinear):
+            new = loaded.get_submodule(name)
+            assert isinstance(new, SparseLowRankLinear) and (new.pattern, new.rank) == (mod.pattern, mod.rank)
+            for pname, p in mod.named_parameters():
+                assert torch.equal(bits(getattr(new, pname)), bits(p)), (name, pname)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    cfg = json.loads((tmp_path / "hasslefree_config.json").read_text())
+    assert cfg["format_version"] == 1 and cfg["method"] == "hasslefree" and cfg["rank_policy"] == "fixed:8"
+    assert cfg["dtype"] == str(dtype).removeprefix("torch.")
+    assert {"torch", "transformers", "hasslefree"} <= set(cfg["versions"])
+    assert cfg["hf_config"]["model_type"] == "llama" and len(cfg["layers"]) == 14
+    layer = cfg["layers"][0]
+    assert {"name", "in_features", "out_features", "pattern", "rank", "stored_bytes"} <= set(layer)
+
+
+def test_tokenizer_saved(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
+    save_compressed(tiny_llama(), tmp_path, tokenizer=tok)
+    cfg = json.loads((tmp_path / "hasslefree_config.json").read_text())
+    assert "tokenizer.json" in cfg["tokenizer_files"] and (tmp_path / "tokenizer.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+class ScaledLinear(nn.Module):
+    """A stand-in for a future compressed layer, to prove the registry needs no format changes."""
+
+    def __init__(self, weight: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.weight, self.scale = nn.Parameter(weight), nn.Parameter(scale)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight) * self.scale
+
+
+class ScaledLinearCodec(ModuleCodec):
+    kind = "test_scaled_linear"
+
+    def encode(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        meta = {"in_features": module.in_features, "out_features": module.out_features, "dtype": "float32"}
+        return {"weight": module.weight.detach(), "scale": module.scale.detach()}, meta
+
+    def tensor_specs(self, meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"weight": ((meta["out_features"], meta["in_features"]), torch.float32),
+                "scale": ((meta["out_features"],), torch.float32)}
+
+    def decode(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> nn.Module:
+        return ScaledLinear(tensors["weight"], tensors["scale"])
+
+    def analytic_bytes(self, meta: dict[str, Any]) -> float:
+        return (meta["out_features"] * meta["in_features"] + meta["out_features"]) * 4
+
+
+def test_registry_plugs_in_new_module_type(tmp_path: Path) -> None:
+    register_codec(ScaledLinear, ScaledLinearCodec())
+    model = tiny_llama()
+    old = model.model.layers[1].self_attn.o_proj
+    replace_linear(model, "model.layers.1.self_attn.o_proj", ScaledLinear(old.to_dense(), torch.rand(64) + 0.5))
+    ref = logits(model)
+    save_compressed(model, tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert isinstance(loaded.model.layers[1].self_attn.o_proj, ScaledLinear)
+    assert torch.equal(logits(loaded), ref)
+    assert any(x["kind"] == "test_scaled_linear" for x in checkpoint_info(tmp_path)["layers"])
+
+
+# ----------------------------------------------------------------- errors
+@pytest.fixture()
+def saved(tmp_path: Path) -> Path:
+    save_compressed(tiny_llama(), tmp_path)
+    return tmp_path
+
+
+def _edit_config(directory: Path, edit: Any) -> None:
+    path = directory / "hasslefree_config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_truncated_weights(saved: Path) -> None:
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for fn in (load_compressed, checkpoint_info):
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+            fn(saved)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_compressed(saved)
+    path.write_bytes(data + b"trailing")  # passes our header check; safetensors' own error is wrapped
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*not fully covered"):
+        load_compressed(saved)
+
+
+def test_corrupted_header(saved: Path) -> None:
+    path = saved / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:24] = b"#garbage-header!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*corrupted"):
+        load_compressed(saved)
+    data[:8] = (2**40).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_compressed(saved)
+
+
+def test_missing_files(saved: Path) -> None:
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors.*missing"):
+        load_compressed(saved)
+    (saved / "hasslefree_config.json").unlink()
+    with pytest.raises(CheckpointError, match="hasslefree_config.json.*missing"):
+        load_compressed(saved)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.pop("hf_config"), "missing required field.*hf_config"),
+        (lambda c: c["layers"][3].pop("rank"), "layer 'model.layers.0.self_attn.o_proj'.*rank"),
+        (lambda c: c["layers"][0].pop("kind"), "layer #0 is missing required field 'kind'"),
+        (lambda c: c.update(format_version=99), "unsupported format version 99"),
+        (lambda c: c["layers"][0].update(kind="nope"), "unknown kind"),
+    ],
+)
+def test_bad_config(saved: Path, edit: Any, message: str) -> None:
+    _edit_config(saved, edit)
+    with pytest.raises(CheckpointError, match=re.escape(str(saved / "hasslefree_config.json")) + ".*" + message):
+        load_compressed(saved)
+
+
+def test_shape_mismatch(saved: Path) -> None:
+    _edit_config(saved, lambda c: c["layers"][0].update(rank=9))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*'model.layers.0.self_attn.q_proj.U'.*\[64, 8\]"):
+        load_compressed(saved)
+
+
+def test_shape_mismatch_against_model_config(saved: Path) -> None:
+    _edit_config(saved, lambda c: c["hf_config"].update(intermediate_size=176))
+    with pytest.raises(CheckpointError, match=r"hasslefree_config\.json.*gate_proj"):
+        load_compressed(saved)
+
+
+def test_no_unsafe_torch_load_in_src() -> None:
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"torch\.load\(", text):
+            call = text[match.end(): match.end() + 400].split(")\n")[0]
+            if not re.search(r"weights_only\s*=\s*True", call):
+                offenders.append(f"{path}:{text[: match.start()].count(chr(10)) + 1}")
+        if re.search(r"^\s*(import pickle|from pickle)", text, re.M) and "checkpoint" in path.parts:
+            offenders.append(f"{path}: imports pickle")
+    assert not offenders, offenders
+
+
+# ----------------------------------------------------------------- size accounting
+def test_info_analytic_matches_measured(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = checkpoint_info(saved)
+    for layer in info["layers"]:
+        assert layer["analytic_bytes"] == pytest.approx(layer["measured_bytes"], rel=0.01), layer["name"]
+    assert info["totals"]["analytic_over_measured"] == pytest.approx(1.0, rel=0.01)
+    assert "TOTAL" in format_info(info)
+    assert info_command(str(saved)) == 0
+    assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
+    assert info_command(str(saved / "nowhere")) == 1
+
+
+LLAMA3_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
+             "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+
+
+def test_llama3_8b_shapes_ratio() -> None:
+    est = estimate_compression(LLAMA3_8B, "2:4", 64, torch.bfloat16)
+    for name, (o, i) in LLAMA3_8B.items():  # independent arithmetic: values + 2-bit indices + U, V
+        expect = (o * i // 2) * 2 + (o * i // 2) * 2 / 8 + (o + i) * 64 * 2
+        assert est["layers"][name]["analytic_bytes"] == pytest.approx(expect)
+    assert est["ratio"] <= 0.62
+
+
+def test_scaled_down_measured_ratio(tmp_path: Path) -> None:
+    """Same shape ratios as Llama-3-8B at 1/32 scale: measured bytes match the analytic count."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=448, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=1, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for name, mod in list(model.model.layers.named_modules(prefix="model.layers")):
+        if isinstance(mod, nn.Linear):
+            w = mod.weight.detach().float()
+            U, V = torch.randn(w.shape[0], 2, generator=g), torch.randn(w.shape[1], 2, generator=g)
+            new = SparseLowRankLinear.from_linear_parts(prune(w, "2:4", g), U, V, pattern="2:4")
+            replace_linear(model, name, new.to(torch.bfloat16))
+    save_compressed(model, tmp_path)
+    info = checkpoint_info(tmp_path)
+    shapes = {x["name"]: tuple(x["shape"]) for x in info["layers"]}
+    est = estimate_compression(shapes, "2:4", 2, torch.bfloat16)
+    assert info["totals"]["measured_bytes"] == pytest.approx(est["analytic_bytes"], rel=0.01)
+    assert info["totals"]["ratio"] == pytest.approx(est["ratio"], rel=0.01)
