@@ -1,0 +1,167 @@
+"""Exports that plain transformers / peft can load without importing this package.
+
+* :func:`export_dense` merges every compressed layer into one dense weight.
+* :func:`export_peft` writes the sparse weights as an ordinary HF checkpoint and
+  the low-rank terms as a LoRA adapter (``lora_B = U``, ``lora_A = Vᵀ``,
+  ``lora_alpha = r`` so the scaling is exactly 1).
+
+Both swap modules in place while saving and restore them afterwards, so a model
+passed in is left as it was and no second copy of it is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from hasslefree.checkpoint.files import read_checkpoint_config
+from hasslefree.checkpoint.format import load_compressed
+from hasslefree.checkpoint.registry import codec_for_module
+from hasslefree.nn import SparseLowRankLinear, replace_linear
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ADAPTER_DIR", "export_dense", "export_peft", "lora_config_for"]
+
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+Source = str | os.PathLike[str] | nn.Module
+
+
+def _resolve(source: Source) -> tuple[nn.Module, Path | None]:
+    if isinstance(source, nn.Module):
+        return source, None
+    directory = Path(source)
+    return load_compressed(directory), directory
+
+
+def _plain_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear that adopts the given tensors (no copy, no random init)."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return lin
+
+
+def _compressed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(n + ".") for n, _ in found):
+            continue
+        if codec_for_module(module) is not None:
+            found.append((name, module))
+    return found
+
+
+@contextmanager
+def _swapped(model: nn.Module, make: Callable[[str, nn.Module], nn.Module]) -> Iterator[list[tuple[str, nn.Module]]]:
+    """Temporarily replace every compressed module by ``make(name, module)``."""
+    originals = _compressed_modules(model)
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for name, module in originals:
+            replace_linear(model, name, make(name, module))
+            done.append((name, module))
+        yield originals
+    finally:
+        for name, module in done:
+            replace_linear(model, name, module)
+
+
+def _merged_linear(name: str, module: nn.Module) -> nn.Module:
+    if not hasattr(module, "to_dense"):
+        raise TypeError(f"{name}: {type(module).__name__} has no to_dense(); cannot export it densely")
+    return _plain_linear(module.to_dense(), getattr(module, "bias", None))
+
+
+def _sparse_base_linear(name: str, module: nn.Module) -> nn.Module:
+    if isinstance(module, SparseLowRankLinear):
+        return _plain_linear(module.sparse_weight, module.bias)
+    logger.info("%s: %s has no LoRA form; exporting it merged into the base", name, type(module).__name__)
+    return _merged_linear(name, module)
+
+
+def _copy_tokenizer(directory: Path | None, out_dir: Path, tokenizer: Any) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+        return
+    if directory is None:
+        return
+    for fname in read_checkpoint_config(directory).get("tokenizer_files") or []:
+        src = directory / fname
+        if src.is_file():
+            shutil.copy2(src, out_dir / fname)
+
+
+def export_dense(source: Source, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+    """Write W_S + U Vᵀ as ordinary weights; ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it."""
+    model, directory = _resolve(source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _swapped(model, _merged_linear) as layers:
+        model.save_pretrained(str(out_dir))
+    _copy_tokenizer(directory, out_dir, tokenizer)
+    logger.info("exported %d merged layers densely to %s", len(layers), out_dir)
+    return out_dir
+
+
+def lora_config_for(ranks: dict[str, int], base_path: str) -> Any:
+    """LoraConfig reproducing U Vᵀ exactly: alpha = r per layer, patterns only where ranks differ."""
+    from peft import LoraConfig
+
+    default = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != default}
+    return LoraConfig(
+        r=default,
+        lora_alpha=default,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_path,
+    )
+
+
+def export_peft(source: Source, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+    """Sparse base as a plain HF checkpoint in ``out_dir`` plus a LoRA adapter in ``out_dir/adapter``.
+
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir), out_dir / "adapter")``
+    then computes ``x W_Sᵀ + (x V) Uᵀ`` like the compressed model. Rank-0 layers get no adapter.
+    """
+    model, directory = _resolve(source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _swapped(model, _sparse_base_linear) as layers:
+        model.save_pretrained(str(out_dir))
+    _copy_tokenizer(directory, out_dir, tokenizer)
+    lora = {n: m for n, m in layers if isinstance(m, SparseLowRankLinear) and m.rank > 0}
+    if not lora:
+        logger.warning("no layer has a low-rank part; wrote only the sparse base to %s", out_dir)
+        return out_dir
+    adapter_dir = out_dir / ADAPTER_DIR
+    adapter_dir.mkdir(exist_ok=True)
+    config = lora_config_for({n: m.rank for n, m in lora.items()}, str(out_dir))
+    config.save_pretrained(str(adapter_dir))
+    tensors: dict[str, Tensor] = {}
+    for name, m in lora.items():
+        # peft's saved-adapter naming: "base_model.model.<module>.lora_{A,B}.weight" (adapter name dropped).
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.V.detach().t().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.U.detach().contiguous().cpu()
+    save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    logger.info("exported sparse base + LoRA adapter for %d layers to %s", len(lora), out_dir)
+    return out_dir
+
