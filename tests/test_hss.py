@@ -206,6 +206,8 @@ def test_state_round_trip():
     x = torch.randn(5, 203, generator=_gen(18))
     torch.testing.assert_close(clone(x), layer(x))
     assert clone.parameter_count() == layer.parameter_count()
+    assert clone.config == layer.config and layer.config["variant"] == "shss-rcm"
+    assert layer.config["outer_rank"] == 8 and layer.config["sparsity"] == 0.2
     hss_tensors, hss_spec = layer.hss.to_state()
     torch.testing.assert_close(HSSMatrix.from_state(hss_tensors, hss_spec).to_dense(), layer.hss.to_dense())
     with pytest.raises(ValueError, match="missing HSS tensor"):
@@ -222,8 +224,9 @@ def test_budget_bisection():
         outer_rank_for_budget(shape, sparsity, 1000, leaf, rule)
     w = torch.randn(96, 160, generator=_gen(19))
     budget = 8000
-    layer = compress_linear_hss(w, sparsity=0.3, leaf=16, min_rank=2, budget_params=budget)
+    layer = compress_linear_hss(w, sparsity=0.3, leaf=np.int64(16), min_rank=2, budget_params=np.int64(budget))
     assert layer.parameter_count() <= budget
+    assert layer.config["outer_rank"] == outer_rank_for_budget((96, 160), 0.3, budget, 16, RankRule(min_rank=2))
 
 
 def test_float32_layer_and_gradients():
@@ -245,6 +248,11 @@ BAD = [
     (dict(variant="shss-whitened", hessian=torch.eye(5)), "hessian must have shape"),
     (dict(outer_rank=8, budget_params=100), "not both"),
     (dict(min_rank=-1), "min_rank"),
+    (dict(leaf=2.5), "leaf"),
+    (dict(rank_decay=0.0), "rank_decay"),
+    (dict(sweeps=-1), "sweeps"),
+    (dict(percdamp=-1.0), "percdamp"),
+    (dict(budget_params=10), "below the minimum"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import warnings
 
 import torch
@@ -41,8 +42,10 @@ class HSSLinear(nn.Module):
         col_perm: Tensor,
         hss: HSSMatrix,
         bias: Tensor | None = None,
+        config: dict | None = None,
     ) -> None:
         super().__init__()
+        self.config = dict(config or {})  # how it was built (JSON-able), kept for checkpoints and logs
         self.out_features, self.in_features = sparse.shape
         if hss.shape != sparse.shape:
             raise ValueError(f"S is {sparse.shape} but HSS is {hss.shape}")
@@ -66,8 +69,8 @@ class HSSLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_decomposition(cls, dec: HSSDecomposition, bias: Tensor | None = None) -> "HSSLinear":
-        return cls(dec.sparse, dec.row_perm, dec.col_perm, dec.hss, bias)
+    def from_decomposition(cls, dec: HSSDecomposition, bias: Tensor | None = None, config: dict | None = None) -> "HSSLinear":
+        return cls(dec.sparse, dec.row_perm, dec.col_perm, dec.hss, bias, {"variant": dec.variant, **(config or {})})
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -120,7 +123,13 @@ class HSSLinear(nn.Module):
         )
         if self.bias is not None:
             tensors["bias"] = self.bias.detach().contiguous()
-        spec = {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None, "hss": hss_spec}
+        spec = {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "config": self.config,
+            "hss": hss_spec,
+        }
         return tensors, spec
 
     @classmethod
@@ -129,7 +138,7 @@ class HSSLinear(nn.Module):
         sparse = SparsePart(shape, tensors["s_crow"], tensors["s_col"], tensors["s_values"])
         hss = HSSMatrix.from_state(tensors, spec["hss"], prefix="hss.")
         bias = tensors["bias"] if spec.get("bias") else None
-        return cls(sparse, tensors["row_perm"], tensors["col_perm"], hss, bias)
+        return cls(sparse, tensors["row_perm"], tensors["col_perm"], hss, bias, spec.get("config"))
 
 
 def _check_finite(name: str, t: Tensor) -> None:
@@ -137,7 +146,18 @@ def _check_finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _validate(weight, bias, sparsity, outer_rank, leaf, min_rank, rank_decay, variant, hessian, budget_params, sweeps) -> None:
+def _is_int(value) -> bool:
+    """Python and numpy integers (a benchmark may pass either), but not floats or bools."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _validate(weight, bias, sparsity, outer_rank, leaf, min_rank, rank_decay, variant, hessian, budget_params, sweeps, percdamp) -> None:
     """All argument checks, before any work."""
     if not isinstance(weight, Tensor) or weight.dim() != 2 or min(weight.shape) < 1:
         raise ValueError(f"weight must be a non-empty 2-D tensor (out, in), got {getattr(weight, 'shape', type(weight))}")
@@ -148,20 +168,22 @@ def _validate(weight, bias, sparsity, outer_rank, leaf, min_rank, rank_decay, va
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     if not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if not isinstance(leaf, int) or leaf < 1:
+    if not _is_int(leaf) or leaf < 1:
         raise ValueError(f"leaf must be an int >= 1, got {leaf}")
-    if outer_rank is not None and (not isinstance(outer_rank, int) or outer_rank < 0):
+    if outer_rank is not None and (not _is_int(outer_rank) or outer_rank < 0):
         raise ValueError(f"outer_rank must be an int >= 0, got {outer_rank}")
     if outer_rank is not None and budget_params is not None:
         raise ValueError("give either outer_rank or budget_params, not both")
-    if budget_params is not None and (not isinstance(budget_params, int) or budget_params < 0):
+    if budget_params is not None and (not _is_int(budget_params) or budget_params < 0):
         raise ValueError(f"budget_params must be an int >= 0, got {budget_params}")
-    if not isinstance(min_rank, int) or min_rank < 0:
+    if not _is_int(min_rank) or min_rank < 0:
         raise ValueError(f"min_rank must be an int >= 0, got {min_rank}")
     if not (0.0 < rank_decay <= 1.0):
         raise ValueError(f"rank_decay must be in (0, 1], got {rank_decay}")
-    if not isinstance(sweeps, int) or sweeps < 0:
+    if not _is_int(sweeps) or sweeps < 0:
         raise ValueError(f"sweeps must be an int >= 0, got {sweeps}")
+    if not (percdamp >= 0.0):
+        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
     if bias is not None and tuple(bias.shape) != (m,):
         raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
     if variant in DATA_AWARE_VARIANTS and hessian is None:
@@ -197,14 +219,16 @@ def compress_linear_hss(
     ``hessian`` is H = X^T X (in x in), required by the ``*-whitened`` variants; it is
     ignored by the others. ``sweeps``/``percdamp`` tune the data-aware fit.
     """
-    _validate(weight, bias, sparsity, outer_rank, leaf, min_rank, rank_decay, variant, hessian, budget_params, sweeps)
-    rule = RankRule(decay=rank_decay, min_rank=min_rank)
+    _validate(weight, bias, sparsity, outer_rank, leaf, min_rank, rank_decay, variant, hessian, budget_params, sweeps, percdamp)
+    leaf, min_rank, sweeps = int(leaf), int(min_rank), int(sweeps)
+    rule = RankRule(decay=float(rank_decay), min_rank=min_rank)
     shape = tuple(weight.shape)
     if budget_params is not None:
-        outer_rank = outer_rank_for_budget(shape, sparsity, budget_params, leaf, rule)
+        outer_rank = outer_rank_for_budget(shape, sparsity, int(budget_params), leaf, rule)
         logger.info("budget %d params -> outer rank %d for %s", budget_params, outer_rank, shape)
     elif outer_rank is None:
         outer_rank = DEFAULT_OUTER_RANK
+    outer_rank = int(outer_rank)
     dec = decompose(
         weight.detach(),
         sparsity=sparsity,
@@ -216,7 +240,16 @@ def compress_linear_hss(
         sweeps=sweeps,
         percdamp=percdamp,
     )
-    layer = HSSLinear.from_decomposition(dec, bias)
+    config = {
+        "sparsity": float(sparsity),
+        "outer_rank": outer_rank,
+        "leaf": leaf,
+        "rank_rule": rule.to_spec(),
+        "budget_params": None if budget_params is None else int(budget_params),
+    }
+    if variant in DATA_AWARE_VARIANTS:
+        config.update(sweeps=sweeps, percdamp=float(percdamp))
+    layer = HSSLinear.from_decomposition(dec, bias, config)
     logger.info(
         "HSS %s %s: outer rank %d, nnz(S) %d, params %d (dense %d)",
         variant, shape, outer_rank, dec.sparse.nnz, layer.parameter_count(include_bias=False), shape[0] * shape[1],
