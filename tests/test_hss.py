@@ -207,6 +207,10 @@ def test_state_round_trip():
     torch.testing.assert_close(clone(x), layer(x))
     assert clone.parameter_count() == layer.parameter_count()
     assert clone.config == layer.config and layer.config["variant"] == "shss-rcm"
+    expected = HSSLinear.state_shapes(spec)
+    assert set(expected) == set(tensors)
+    for name, t in tensors.items():
+        assert (tuple(t.shape), str(t.dtype).removeprefix("torch.")) == expected[name], name
     assert layer.config["outer_rank"] == 8 and layer.config["sparsity"] == 0.2
     hss_tensors, hss_spec = layer.hss.to_state()
     torch.testing.assert_close(HSSMatrix.from_state(hss_tensors, hss_spec).to_dense(), layer.hss.to_dense())
@@ -277,3 +281,16 @@ def test_bad_tensors():
     w_inf[1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         compress_linear_hss(w_inf)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3])
+def test_safetensors_round_trip(tmp_path, sparsity):
+    st = pytest.importorskip("safetensors.torch")
+    w = torch.randn(40, 70, generator=_gen(22))
+    layer = compress_linear_hss(w, sparsity=sparsity, outer_rank=4, leaf=8, min_rank=1)
+    tensors, spec = layer.to_state()
+    st.save_file(tensors, str(tmp_path / "layer.safetensors"))
+    (tmp_path / "layer.json").write_text(json.dumps(spec))
+    clone = HSSLinear.from_state(st.load_file(str(tmp_path / "layer.safetensors")), json.loads((tmp_path / "layer.json").read_text()))
+    x = torch.randn(3, 70, generator=_gen(23))
+    torch.testing.assert_close(clone(x), layer(x))

@@ -126,11 +126,30 @@ class HSSLinear(nn.Module):
         spec = {
             "in_features": self.in_features,
             "out_features": self.out_features,
+            "dtype": str(self.s_values.dtype).removeprefix("torch."),
+            "nnz": self.s_values.numel(),
             "bias": self.bias is not None,
             "config": self.config,
             "hss": hss_spec,
         }
         return tensors, spec
+
+    @staticmethod
+    def state_shapes(spec: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+        """(shape, dtype name) of every tensor :meth:`to_state` writes, from the spec alone."""
+        m, n, dtype = int(spec["out_features"]), int(spec["in_features"]), spec["dtype"]
+        out = {name: (shape, dtype) for name, shape in HSSMatrix.state_shapes(spec["hss"], prefix="hss.").items()}
+        nnz = int(spec["nnz"])
+        out.update(
+            s_crow=((m + 1,), "int64"),
+            s_col=((nnz,), "int64"),
+            s_values=((nnz,), dtype),
+            row_perm=((m,), "int64"),
+            col_perm=((n,), "int64"),
+        )
+        if spec.get("bias"):
+            out["bias"] = ((m,), dtype)
+        return out
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], spec: dict) -> "HSSLinear":

@@ -183,6 +183,17 @@ class HSSMatrix(nn.Module):
         }
         return tensors, spec
 
+    @staticmethod
+    def state_shapes(spec: dict, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor :meth:`to_state` writes, from the spec alone (for codecs)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, (r0, r1, c0, c1) in enumerate(spec["leaves"]):
+            shapes[f"{prefix}leaf.{i}"] = (r1 - r0, c1 - c0)
+        for i, (r0, r1, c0, c1, k, _depth) in enumerate(spec["lowrank"]):
+            shapes[f"{prefix}p.{i}"] = (r1 - r0, k)
+            shapes[f"{prefix}q.{i}"] = (c1 - c0, k)
+        return shapes
+
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], spec: dict, prefix: str = "") -> "HSSMatrix":
         """Inverse of :meth:`to_state`; validates the spec against the tensor shapes."""
