@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -212,6 +213,10 @@ def test_state_round_trip():
     for name, t in tensors.items():
         assert (tuple(t.shape), str(t.dtype).removeprefix("torch.")) == expected[name], name
     assert layer.config["outer_rank"] == 8 and layer.config["sparsity"] == 0.2
+    other = compress_linear_hss(w, torch.zeros(97), sparsity=0.2, outer_rank=8, leaf=16, variant="shss")
+    other.load_state_dict(layer.state_dict())  # same tree, different permutations
+    torch.testing.assert_close(other(x), layer(x))
+    torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))
     hss_tensors, hss_spec = layer.hss.to_state()
     torch.testing.assert_close(HSSMatrix.from_state(hss_tensors, hss_spec).to_dense(), layer.hss.to_dense())
     with pytest.raises(ValueError, match="missing HSS tensor"):

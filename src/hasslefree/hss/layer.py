@@ -27,6 +27,11 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
 
 
+def _refresh_after_load(module: "HSSLinear", _incompatible_keys) -> None:
+    """Module-level (picklable) hook: permutations may change in ``load_state_dict``."""
+    module._refresh_permutations()
+
+
 class HSSLinear(nn.Module):
     """``y = x @ (S + P_r^T A P_c)^T + b`` with S sparse (CSR) and A an :class:`HSSMatrix`.
 
@@ -57,16 +62,22 @@ class HSSLinear(nn.Module):
         self.s_values = nn.Parameter(sparse.values.clone())
         self.register_buffer("row_perm", row_perm.to(torch.int64))
         self.register_buffer("col_perm", col_perm.to(torch.int64))
-        inv = torch.empty_like(self.row_perm)
-        inv[self.row_perm] = torch.arange(self.out_features, device=inv.device)
-        self.register_buffer("row_perm_inv", inv, persistent=False)
-        self.identity_rows = bool(torch.equal(self.row_perm.cpu(), torch.arange(self.out_features)))
-        self.identity_cols = bool(torch.equal(self.col_perm.cpu(), torch.arange(self.in_features)))
+        self.register_buffer("row_perm_inv", torch.empty_like(self.row_perm), persistent=False)
+        self._refresh_permutations()
+        # load_state_dict may bring other permutations: recompute what is derived from them.
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.hss = hss
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
+
+    def _refresh_permutations(self) -> None:
+        """Inverse row order and identity flags (identity orders skip the gathers)."""
+        with torch.no_grad():
+            self.row_perm_inv[self.row_perm] = torch.arange(self.out_features, device=self.row_perm.device)
+        self.identity_rows = bool(torch.equal(self.row_perm.cpu(), torch.arange(self.out_features)))
+        self.identity_cols = bool(torch.equal(self.col_perm.cpu(), torch.arange(self.in_features)))
 
     @classmethod
     def from_decomposition(cls, dec: HSSDecomposition, bias: Tensor | None = None, config: dict | None = None) -> "HSSLinear":
