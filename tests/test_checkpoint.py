@@ -24,7 +24,14 @@ from hasslefree.checkpoint import (
     register_codec,
     save_compressed,
 )
-from hasslefree.checkpoint.encoding import decode_sparse, encode_sparse, parse_pattern, sparse_tensor_specs
+from hasslefree.checkpoint.encoding import (
+    decode_sparse,
+    encode_sparse,
+    pack_bits,
+    parse_pattern,
+    sparse_tensor_specs,
+    unpack_bits,
+)
 from hasslefree.nn import SparseLowRankLinear, replace_linear
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -104,6 +111,19 @@ def test_codec_round_trip_bit_exact(pattern: str, dtype: torch.dtype) -> None:
         dec = decode_sparse(enc, pattern, shape)
         assert dec.dtype == dtype and dec.shape == w.shape
         assert torch.equal(bits(dec), bits(w)), (pattern, dtype, shape)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 8])
+def test_bit_packing_layout(nbits: int) -> None:
+    """On-disk layout is a little-endian bit stream: code i at stream bits [i·b, (i+1)·b)."""
+    codes = torch.randint(0, 2**nbits, (101,), generator=torch.Generator().manual_seed(nbits))
+    stream = [(int(c) >> j) & 1 for c in codes for j in range(nbits)]
+    stream += [0] * (-len(stream) % 8)
+    expect = [sum(stream[8 * k + j] << j for j in range(8)) for k in range(len(stream) // 8)]
+    packed = pack_bits(codes, nbits)
+    assert packed.tolist() == expect
+    assert torch.equal(unpack_bits(packed, nbits, 101), codes)
+    assert pack_bits(torch.tensor([0, 1, 2, 3]), 2).tolist() == [0b11100100]
 
 
 def test_nm_storage_is_compact() -> None:

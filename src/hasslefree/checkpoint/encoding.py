@@ -95,6 +95,11 @@ def csr_index_dtypes(in_features: int, nnz: int) -> tuple[torch.dtype, torch.dty
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack non-negative ints < 2**bits into a little-endian bit stream of uint8."""
     codes = codes.reshape(-1)
+    if 8 % bits == 0:  # fast path (1, 2, 4, 8 bits): whole codes per byte, same layout
+        per = 8 // bits
+        c = F.pad(codes.to(torch.uint8), (0, (-codes.numel()) % per)).view(-1, per)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return (c << shifts).sum(dim=1, dtype=torch.uint8)
     work = torch.uint8 if bits <= 8 else torch.int32
     codes = codes.to(work)
     shifts = torch.arange(bits, dtype=work, device=codes.device)
@@ -114,6 +119,9 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
             f"packed indices must be a 1-D uint8 tensor of {need} bytes, "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count].to(torch.int64)
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed[:, None] >> shifts) & 1).reshape(-1)[: count * bits]
     weights = 1 << torch.arange(bits, dtype=torch.int64, device=packed.device)
@@ -126,13 +134,14 @@ def _encode_nm(w: Tensor, n: int, m: int) -> dict[str, Tensor]:
     padded = F.pad(w, (0, groups * m - in_f)) if groups * m != in_f else w
     g = padded.reshape(out_f, groups, m)
     nonzero = g != 0
-    too_many = int((nonzero.sum(dim=-1) > n).sum())
+    count = nonzero.sum(dim=-1, keepdim=True, dtype=torch.int32)
+    too_many = int((count > n).sum())
     if too_many:
         raise ValueError(f"{too_many} groups of {m} hold more than {n} nonzeros: not a {n}:{m} matrix")
-    # Nonzero positions first (in order), zero fillers after; keep the first n, ascending.
-    key = (~nonzero).to(torch.int32) * m + torch.arange(m, dtype=torch.int32, device=w.device)
-    pos = key.argsort(dim=-1)[..., :n].sort(dim=-1).values
-    values = g.gather(-1, pos).reshape(out_f, groups * n)
+    # Every nonzero, plus the first (n - count) zeros of its group as fillers: exactly n per group.
+    keep = nonzero | ((~nonzero).cumsum(dim=-1, dtype=torch.int32) <= n - count)
+    pos = keep.view(-1, m).nonzero()[:, 1]  # row-major, so ascending within each group
+    values = g[keep].reshape(out_f, groups * n)
     return {"values": values.contiguous(), "indices": pack_bits(pos, index_bits(m))}
 
 
