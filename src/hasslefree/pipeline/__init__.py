@@ -1,0 +1,30 @@
+"""Whole-model compression: architecture registry, sequential pipeline, run reports.
+
+``compress(model, tokenizer, ...)`` walks the decoder blocks one at a time, fits every
+targeted linear layer to calibration activations that already flow through the compressed
+earlier layers, and swaps in :class:`hasslefree.nn.SparseLowRankLinear` modules.
+"""
+
+from hasslefree.pipeline.api import check_calibration, compress, prepare
+from hasslefree.pipeline.plan import DEFAULT_SKIP, LayerSettings, Plan, TargetLayer, build_plan
+from hasslefree.pipeline.registry import ARCHITECTURES, Architecture, lookup, resolve_architecture
+from hasslefree.pipeline.report import CompressionReport, LayerRecord
+from hasslefree.pipeline.resume import ResumeMismatch
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "CompressionReport",
+    "DEFAULT_SKIP",
+    "LayerRecord",
+    "LayerSettings",
+    "Plan",
+    "ResumeMismatch",
+    "TargetLayer",
+    "build_plan",
+    "check_calibration",
+    "compress",
+    "lookup",
+    "prepare",
+    "resolve_architecture",
+]

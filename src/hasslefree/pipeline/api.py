@@ -1,0 +1,182 @@
+"""``compress``: the one call that turns a causal LM into its sparse + low-rank version."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hasslefree.decompose import decompose_group, decompose_layer
+from hasslefree.patterns import SparsityPattern
+from hasslefree.presets import get_method
+from hasslefree.rank_policy import RankPolicy
+from hasslefree.perplexity import model_context_length
+from hasslefree.pipeline.plan import DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, policy_text
+from hasslefree.pipeline.registry import resolve_architecture
+from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
+from hasslefree.pipeline.resume import ResumeStore, tensor_digest
+from hasslefree.pipeline.sequential import BlockCallback, PipelineOptions, run_sequential
+
+logger = logging.getLogger(__name__)
+
+_PIPELINE_SET = {"weight", "weights", "hessian", "pattern", "rank", "method", "iterations", "seed", "name"}
+
+
+def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: int | RankPolicy | None = None,
+            method: str = "hassle-free", iterations: int | None = None,
+            overrides: Mapping[str, Mapping[str, Any]] | None = None,
+            skip: Sequence[str] = DEFAULT_SKIP, engine_options: Mapping[str, Any] | None = None) -> Plan:
+    """Check every argument and every targeted layer; return the plan. Does no heavy work."""
+    get_method(method)
+    if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    known = (set(inspect.signature(decompose_layer).parameters) | set(inspect.signature(decompose_group).parameters))
+    unknown = set(engine_options or {}) - (known - _PIPELINE_SET)
+    if unknown:
+        raise ValueError(f"unknown engine option(s) {', '.join(sorted(unknown))}; see hasslefree.decompose_layer")
+    arch = resolve_architecture(model)
+    defaults = LayerSettings(SparsityPattern.parse(pattern), as_rank_policy(rank), method, iterations)
+    return build_plan(model, arch, defaults, overrides, skip)
+
+
+def check_calibration(model: nn.Module, calibration: torch.Tensor) -> torch.Tensor:
+    """Token ids [n, seqlen] that fit the model's vocabulary and context, or a clear error."""
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
+        raise ValueError("calibration must be a non-empty [nsamples, seqlen] tensor of token ids, got "
+                         f"{getattr(calibration, 'shape', type(calibration).__name__)}")
+    if calibration.dtype.is_floating_point or calibration.dtype == torch.bool:
+        raise ValueError(f"calibration must hold integer token ids, got dtype {calibration.dtype}")
+    context = model_context_length(model)
+    if context is not None and calibration.shape[1] > context:
+        raise ValueError(f"calibration seqlen {calibration.shape[1]} exceeds the model's context of {context} tokens")
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if vocab is not None and (int(calibration.min()) < 0 or int(calibration.max()) >= vocab):
+        raise ValueError(f"calibration token ids must lie in [0, {vocab}), got [{int(calibration.min())}, "
+                         f"{int(calibration.max())}]")
+    return calibration.long().cpu()
+
+
+def compress(
+    model: nn.Module,
+    tokenizer: Any = None,
+    *,
+    calibration: torch.Tensor | None = None,
+    calib: str | os.PathLike[str] = "c4",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    pattern: str | SparsityPattern = "2:4",
+    rank: int | RankPolicy | None = None,
+    method: str = "hassle-free",
+    iterations: int | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    skip: Sequence[str] = DEFAULT_SKIP,
+    device: str | torch.device | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 1,
+    true_sequential: bool = True,
+    dense: bool = False,
+    activation_dtype: torch.dtype = torch.float32,
+    model_name: str | None = None,
+    on_block_end: BlockCallback | None = None,
+    **engine_options: Any,
+) -> CompressionReport:
+    """Compress every linear layer of ``model``'s decoder blocks in place; return the report.
+
+    ``rank`` None means 64 for sparse + low-rank methods and 0 for pruning-only ones
+    (magnitude, wanda, sparsegpt, alps). ``overrides`` maps a regex on full layer names to
+    any of ``pattern``/``rank``/``method``/``iterations``/``skip``, e.g.
+    ``{"mlp.down_proj": {"rank": 32}}``. ``calibration`` ([n, seqlen] token ids) wins over
+    ``calib``/``nsamples``/``seqlen``. ``dense=True`` writes W_S + U Vᵀ into the original
+    layers instead of swapping in SparseLowRankLinear. With ``out_dir``, every finished
+    block is checkpointed and re-running the same call resumes; the report, its plot and
+    the compressed model are written there. ``engine_options`` go to ``decompose_group``.
+    """
+    plan = prepare(model, pattern=pattern, rank=rank, method=method, iterations=iterations,
+                   overrides=overrides, skip=skip, engine_options=engine_options)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if calibration is None:
+        if tokenizer is None:
+            raise ValueError("pass calibration token ids, or a tokenizer to build them from calib")
+        from hasslefree.data import calibration_batch
+
+        context = model_context_length(model)
+        if context is not None and seqlen > context:
+            raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
+        calibration = calibration_batch(tokenizer, calib, nsamples, seqlen, seed)
+    calibration = check_calibration(model, calibration)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    config = _run_config(model, plan, calibration, pattern, rank, method, iterations, overrides, skip, seed,
+                         batch_size, true_sequential, dense, activation_dtype, engine_options)
+    options = PipelineOptions(batch_size=batch_size, true_sequential=true_sequential, write_modules=not dense,
+                              activation_dtype=activation_dtype, seed=seed, engine_options=dict(engine_options),
+                              progress=progress)
+    store = ResumeStore(out_dir, config) if out_dir is not None else None
+    timer = StageTimer()
+    was_training = model.training
+    model.eval()
+    try:
+        records, resumed = run_sequential(model, plan, calibration, device=device, options=options, timer=timer,
+                                          store=store, on_block_end=on_block_end)
+    finally:
+        model.train(was_training)
+    report = CompressionReport(model=str(name), architecture=plan.architecture.name,
+                               config={k: v for k, v in config.items() if k != "model"}, layers=records,
+                               timings=timer.summary(), resumed_blocks=resumed, peak_rss_mb=round(peak_rss_mb(), 1),
+                               cuda_peak_mb=cuda_peak_mb(device))
+    logger.info("%s", report.summary())
+    if out_dir is not None:
+        _write_outputs(model, tokenizer, Path(out_dir), report, dense)
+    return report
+
+
+def _run_config(model, plan, calibration, pattern, rank, method, iterations, overrides, skip, seed, batch_size,
+                true_sequential, dense, activation_dtype, engine_options) -> dict[str, Any]:
+    """Everything that changes the result (not the device): hashed to guard resumes."""
+    hf_config = getattr(model, "config", None)
+    embeddings = model.get_input_embeddings().weight
+    return {
+        "model": {"architecture": plan.architecture.name, "class": type(model).__name__,
+                  "config": hf_config.to_json_string(use_diff=False) if hf_config is not None else None,
+                  "embeddings": tensor_digest(embeddings), "dtype": str(embeddings.dtype)},
+        "calibration": {"shape": list(calibration.shape), "digest": tensor_digest(calibration)},
+        "pattern": str(SparsityPattern.parse(pattern)), "rank": policy_text(as_rank_policy(rank)), "method": method,
+        "iterations": iterations, "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
+        "skip": list(skip), "seed": seed, "batch_size": batch_size, "true_sequential": true_sequential,
+        "dense": dense, "activation_dtype": str(activation_dtype),
+        "engine_options": {k: repr(v) for k, v in sorted(engine_options.items())},
+    }
+
+
+def _write_outputs(model: nn.Module, tokenizer: Any, out_dir: Path, report: CompressionReport, dense: bool) -> None:
+    """The compressed model (checkpoint format, or a plain HF folder when dense), report and plot."""
+    report.save(out_dir)
+    report.plot(out_dir / PLOT_NAME)
+    if dense:
+        model.save_pretrained(str(out_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+        return
+    try:
+        from hasslefree.checkpoint import save_compressed
+    except ImportError:
+        logger.warning("hasslefree.checkpoint is not available: the result is only in %s/blocks", out_dir)
+        return
+    save_compressed(model, out_dir, run_config=_checkpoint_config(report), tokenizer=tokenizer)
+
+
+def _checkpoint_config(report: CompressionReport) -> dict[str, Any]:
+    config = dict(report.config)
+    config["rank_policy"] = config.get("rank")
+    config["architecture"] = report.architecture
+    config["model"] = report.model
+    return config

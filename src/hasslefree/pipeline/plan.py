@@ -1,0 +1,188 @@
+"""Which layers get compressed, with which settings: defaults, regex overrides, skips.
+
+The whole plan is built and validated before any block is touched, so a pattern that does
+not fit some late layer's width fails in seconds, naming the layer, not after hours.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from hasslefree.patterns import SparsityPattern
+from hasslefree.presets import get_method
+from hasslefree.rank_policy import RankPolicy
+from hasslefree.pipeline.layers import is_linear_like, layer_shape
+from hasslefree.pipeline.registry import Architecture
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RANK = 64
+DEFAULT_SKIP = (r"(^|\.)lm_head$", r"(^|\.)embed")
+OVERRIDE_KEYS = frozenset({"pattern", "rank", "method", "iterations", "skip"})
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """What one layer is asked for; ``rank`` None means the method's default."""
+
+    pattern: SparsityPattern
+    rank: RankPolicy | None
+    method: str
+    iterations: int | None
+
+    def engine_options(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "rank": self.rank_policy(), "method": self.method,
+                "iterations": self.iterations}
+
+    def rank_policy(self) -> RankPolicy:
+        if self.rank is not None:
+            return self.rank
+        return RankPolicy.fixed(0 if get_method(self.method).prunes_only else DEFAULT_RANK)
+
+    def describe(self) -> dict[str, Any]:
+        return {"pattern": str(self.pattern), "rank": policy_text(self.rank_policy()), "method": self.method,
+                "iterations": self.iterations}
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """A layer to compress: full and block-relative names, shape, settings, resolved budget."""
+
+    name: str
+    relative: str
+    block: int
+    group: int
+    out_features: int
+    in_features: int
+    settings: LayerSettings
+    rank: int
+    pattern: SparsityPattern
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per block, per shared-input group, the targeted layers (empty groups dropped)."""
+
+    architecture: Architecture
+    blocks: tuple[tuple[tuple[TargetLayer, ...], ...], ...]
+
+    @property
+    def layers(self) -> list[TargetLayer]:
+        return [t for block in self.blocks for group in block for t in group]
+
+
+def as_rank_policy(rank: int | RankPolicy | None) -> RankPolicy | None:
+    if rank is None or isinstance(rank, RankPolicy):
+        return rank
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an int or a RankPolicy, got {rank!r}")
+    return RankPolicy.fixed(rank)
+
+
+def normalise_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> list[tuple[re.Pattern, dict]]:
+    """Compile override regexes and check their keys and values up front."""
+    compiled = []
+    for regex, values in (overrides or {}).items():
+        try:
+            pattern = re.compile(regex)
+        except re.error as exc:
+            raise ValueError(f"override {regex!r} is not a valid regular expression: {exc}") from None
+        unknown = set(values) - OVERRIDE_KEYS
+        if unknown:
+            raise ValueError(f"override {regex!r}: unknown key(s) {', '.join(sorted(unknown))}; "
+                             f"use {', '.join(sorted(OVERRIDE_KEYS))}")
+        clean = dict(values)
+        if "pattern" in clean:
+            clean["pattern"] = SparsityPattern.parse(clean["pattern"])
+        if "rank" in clean:
+            clean["rank"] = as_rank_policy(clean["rank"])
+        if "method" in clean:
+            get_method(clean["method"])
+        compiled.append((pattern, clean))
+    return compiled
+
+
+def build_plan(model: nn.Module, arch: Architecture, defaults: LayerSettings,
+               overrides: Mapping[str, Mapping[str, Any]] | None = None,
+               skip: Sequence[str] = DEFAULT_SKIP) -> Plan:
+    """Resolve every targeted layer's settings and check them all; raise on the first problems."""
+    rules = normalise_overrides(overrides)
+    skips = [re.compile(s) for s in skip]
+    blocks = arch.block_list(model)
+    problems: list[str] = []
+    plan_blocks = []
+    for index, block in enumerate(blocks):
+        groups = []
+        for group_index, group in enumerate(arch.groups):
+            members = []
+            for relative in group:
+                name = f"{arch.blocks}.{index}.{relative}"
+                module = block.get_submodule(relative)
+                if not is_linear_like(module):
+                    problems.append(f"{name}: {type(module).__name__} is not a Linear or Conv1D layer")
+                    continue
+                settings, skipped = _settings_for(name, defaults, rules, skips)
+                if skipped:
+                    continue
+                target = _check(name, relative, index, group_index, module, settings, problems)
+                if target is not None:
+                    members.append(target)
+            if members:
+                groups.append(tuple(members))
+        plan_blocks.append(tuple(groups))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)
+    plan = Plan(arch, tuple(plan_blocks))
+    if not plan.layers:
+        raise ValueError("no layer is left to compress: every targeted layer is skipped")
+    return plan
+
+
+def _settings_for(name: str, defaults: LayerSettings, rules: list[tuple[re.Pattern, dict]],
+                  skips: list[re.Pattern]) -> tuple[LayerSettings, bool]:
+    values = {"pattern": defaults.pattern, "rank": defaults.rank, "method": defaults.method,
+              "iterations": defaults.iterations, "skip": any(s.search(name) for s in skips)}
+    for regex, override in rules:  # later rules win
+        if regex.search(name):
+            values.update(override)
+    skipped = bool(values.pop("skip"))
+    return LayerSettings(**values), skipped
+
+
+def _check(name: str, relative: str, block: int, group: int, module: nn.Module, settings: LayerSettings,
+           problems: list[str]) -> TargetLayer | None:
+    out_features, in_features = layer_shape(module)
+    method = get_method(settings.method)
+    policy = settings.rank_policy()
+    try:
+        settings.pattern.validate_shape(out_features, in_features, name)
+        rank, pattern = policy.resolve(settings.pattern, out_features, in_features)
+    except ValueError as exc:
+        problems.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
+        return None
+    if method.prunes_only and rank > 0:
+        problems.append(f"{name}: method {settings.method!r} prunes only, but rank {rank} was asked for; "
+                        "use rank 0 or a sparse + low-rank method such as 'hassle-free'")
+        return None
+    if rank > min(out_features, in_features):
+        problems.append(f"{name}: rank {rank} exceeds min(out, in) = {min(out_features, in_features)}")
+        return None
+    return TargetLayer(name, relative, block, group, out_features, in_features, settings, rank, pattern)
+
+
+def policy_text(policy: RankPolicy | None) -> str:
+    """A short human form of a rank policy ("64", "rho=0.5"; None: the method's default)."""
+    if policy is None:
+        return "default"
+    if policy.kind == "fixed":
+        return str(policy.rank)
+    if policy.kind == "ratio":
+        return f"rho={policy.rho:g}"
+    return f"kappa={policy.kappa:g},rho={policy.rho:g}"

@@ -1,0 +1,133 @@
+"""Per-block checkpoints so an interrupted run continues where it stopped.
+
+After each block: ``blocks/block_NNNNN.safetensors`` (the block's whole state, compressed
+layers included, plus which layers became SparseLowRankLinear) is written to a temp file
+and moved into place, then ``progress.json`` (config hash, blocks done, layer records).
+A block file without its progress entry is simply recomputed.
+
+Activations are not stored (128 x 2048 x d floats per block would dwarf the model): on
+resume the finished blocks are loaded and the calibration data is run through them again,
+which reproduces the propagated activations bit for bit on the same device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from hasslefree.nn import replace_linear
+from hasslefree.pipeline.layers import empty_compressed
+from hasslefree.pipeline.report import LayerRecord, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_NAME = "progress.json"
+BLOCKS_DIR = "blocks"
+
+
+class ResumeMismatch(ValueError):
+    """The output directory holds a run with a different configuration."""
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hash of a tensor's bytes (used to fingerprint calibration data and weights)."""
+    data = tensor.detach().to("cpu").contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.view(torch.int16)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+
+
+class ResumeStore:
+    """Reads and writes one run's progress in ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike[str], config: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.config = json.loads(json.dumps(config, sort_keys=True, default=str))
+        self.hash = config_hash(self.config)
+        self.progress_path = self.directory / PROGRESS_NAME
+        self.layers: list[dict[str, Any]] = []
+        self.completed = 0
+
+    def start(self, num_blocks: int) -> int:
+        """Blocks already finished by an earlier run of the same configuration (0 for a new run)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / BLOCKS_DIR).mkdir(exist_ok=True)
+        if not self.progress_path.is_file():
+            return 0
+        try:
+            saved = json.loads(self.progress_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ResumeMismatch(f"{self.progress_path} is unreadable ({exc}); delete it to start over") from None
+        if saved.get("config_hash") != self.hash:
+            changed = sorted(k for k in set(self.config) | set(saved.get("config", {}))
+                             if self.config.get(k) != saved.get("config", {}).get(k))
+            raise ResumeMismatch(
+                f"{self.directory} holds a run with a different configuration (changed: "
+                f"{', '.join(changed) or 'unknown'}); use another output directory, or delete "
+                f"{self.progress_path} to start over")
+        self.completed = int(saved.get("completed_blocks", 0))
+        self.layers = list(saved.get("layers", []))
+        if self.completed > num_blocks:
+            raise ResumeMismatch(f"{self.progress_path} records {self.completed} blocks but the model has {num_blocks}")
+        return self.completed
+
+    def records(self) -> list[LayerRecord]:
+        return [LayerRecord.from_dict(r) for r in self.layers]
+
+    def block_path(self, index: int) -> Path:
+        return self.directory / BLOCKS_DIR / f"block_{index:05d}.safetensors"
+
+    def save_block(self, index: int, block: nn.Module, layers: dict[str, dict[str, Any]],
+                   records: list[LayerRecord], num_blocks: int) -> None:
+        """Write block ``index`` (state + which layers are compressed modules), then the progress."""
+        path = self.block_path(index)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        save_file(state, str(tmp), metadata={"layers": json.dumps(layers), "config_hash": self.hash})
+        os.replace(tmp, path)
+        self.completed = index + 1
+        self.layers.extend(_record_dict(r) for r in records)
+        write_json_atomic(self.progress_path, {
+            "config_hash": self.hash, "config": self.config, "num_blocks": num_blocks,
+            "completed_blocks": self.completed, "layers": self.layers,
+        })
+
+    def load_block(self, index: int, block: nn.Module) -> None:
+        """Put block ``index``'s saved state into ``block``, swapping in compressed modules first."""
+        path = self.block_path(index)
+        if not path.is_file():
+            raise ResumeMismatch(f"{PROGRESS_NAME} says block {index} is done but {path} is missing; "
+                                 f"delete {self.progress_path} to start over")
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        if meta.get("config_hash") != self.hash:
+            raise ResumeMismatch(f"{path} was written by a run with a different configuration")
+        for relative, info in json.loads(meta.get("layers", "{}")).items():
+            if not info.get("module"):
+                continue
+            old = block.get_submodule(relative)
+            weight = state[f"{relative}.sparse_weight"]
+            shell = empty_compressed(info["out_features"], info["in_features"], info["rank"], info["bias"],
+                                     info["pattern"], weight.dtype, old.weight.device)
+            replace_linear(block, relative, shell)
+        block.load_state_dict(state, strict=True)
+
+
+def _record_dict(record: LayerRecord) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(record)

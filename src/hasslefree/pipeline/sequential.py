@@ -1,0 +1,257 @@
+"""The sequential pipeline (paper App. A.1, after SparseGPT): one block at a time.
+
+For each block: accumulate the Hessian of every shared-input group from the calibration
+activations, decompose the group's layers, swap them in, then run the compressed block to
+produce the next block's inputs, so every layer is fitted to the outputs of the already
+compressed layers before it. With ``true_sequential`` (the default) this holds inside a
+block too: group g's Hessian is taken after groups < g are compressed, each pass stopping
+at group g's input. Activations live on the CPU; one block at a time visits the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hasslefree.decompose import Decomposition, decompose_group
+from hasslefree.hessian import HessianAccumulator
+from hasslefree.nn import replace_linear
+from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block
+from hasslefree.pipeline.layers import compressed_module, layer_weight, module_pattern, write_dense
+from hasslefree.pipeline.plan import Plan, TargetLayer
+from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
+from hasslefree.pipeline.resume import ResumeStore
+
+logger = logging.getLogger(__name__)
+
+BlockCallback = Callable[[int, list[LayerRecord]], None]
+
+
+class _StopBlock(Exception):
+    """Raised once a group's input is seen: the rest of the block need not run."""
+
+
+@dataclass
+class PipelineOptions:
+    """How the pipeline runs (the per-layer maths is in the plan and ``engine_options``)."""
+
+    batch_size: int = 1
+    true_sequential: bool = True
+    write_modules: bool = True
+    activation_dtype: torch.dtype = torch.float32
+    hessian_dtype: torch.dtype = torch.float32
+    seed: int = 0
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, device: torch.device,
+                   options: PipelineOptions, timer: StageTimer, store: ResumeStore | None = None,
+                   on_block_end: BlockCallback | None = None) -> tuple[list[LayerRecord], int]:
+    """Compress ``model`` in place; return the layer records and how many blocks were resumed."""
+    blocks = plan.architecture.block_list(model)
+    resumed = store.start(len(blocks)) if store is not None else 0
+    records = store.records() if store is not None else []
+    with timer.stage("resume"):
+        for index in range(resumed):
+            store.load_block(index, blocks[index])  # type: ignore[union-attr]
+    if resumed:
+        logger.info("resuming after %d finished block(s) of %d", resumed, len(blocks))
+    if resumed == len(blocks):
+        return records, resumed
+    with _rest_of_model_on(model, plan.architecture.blocks, device):
+        with timer.stage("capture"):
+            inputs = capture_block_inputs(model, blocks, calibration, batch_size=options.batch_size,
+                                          device=device, dtype=options.activation_dtype)
+        hidden = inputs.hidden
+        with timer.stage("resume"):
+            for index in range(resumed):
+                hidden = _propagate(blocks[index], index, hidden, inputs, device, options)
+        bar = _bar(range(resumed, len(blocks)), options, desc="blocks", total=len(blocks), initial=resumed)
+        for index in bar:
+            block = blocks[index]
+            home = next(block.parameters()).device
+            block.to(device)
+            block_records, layer_meta = _compress_block(block, index, plan.blocks[index], hidden, inputs,
+                                                        device, options, timer)
+            with timer.stage("propagate"):
+                hidden = _propagate(block, index, hidden, inputs, device, options)
+            block.to(home)
+            if store is not None:
+                with timer.stage("checkpoint"):
+                    store.save_block(index, block, layer_meta, block_records, len(blocks))
+            records.extend(block_records)
+            if block_records:
+                worst = max(r.relative_objective for r in block_records)
+                logger.info("block %d/%d: %d layers, worst relative error %.4g", index + 1, len(blocks),
+                            len(block_records), worst)
+            if on_block_end is not None:
+                on_block_end(index, block_records)
+    return records, resumed
+
+
+def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...], ...],
+                    hidden: list[torch.Tensor], inputs: BlockInputs, device: torch.device,
+                    options: PipelineOptions, timer: StageTimer) -> tuple[list[LayerRecord], dict]:
+    records: list[LayerRecord] = []
+    meta: dict[str, dict[str, Any]] = {}
+    layers = _bar(None, options, desc=f"block {index} layers", total=sum(len(g) for g in groups), leave=False)
+    if options.true_sequential:
+        schedule = [(group, None) for group in groups]
+    else:
+        with timer.stage("hessian"):
+            hessians = _hessians(block, index, groups, hidden, inputs, device, options, stop=False)
+        schedule = list(zip(groups, hessians))
+    for group, hessian in schedule:
+        if hessian is None:
+            with timer.stage("hessian"):
+                hessian = _hessians(block, index, (group,), hidden, inputs, device, options, stop=True)[0]
+        for target, result in _decompose(block, group, hessian, device, options, timer).items():
+            module = block.get_submodule(target.relative)
+            with timer.stage("apply"):
+                if options.write_modules:
+                    replace_linear(block, target.relative, compressed_module(module, result, target.pattern))
+                else:
+                    write_dense(module, result.to_dense())
+            records.append(_record(target, result, device))
+            meta[target.relative] = {
+                "module": options.write_modules, "out_features": target.out_features,
+                "in_features": target.in_features, "rank": result.rank, "pattern": module_pattern(target.pattern),
+                "bias": getattr(module, "bias", None) is not None,
+            }
+            layers.update(1)
+        del hessian
+    layers.close()
+    return records, meta
+
+
+def _hessians(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...], ...],
+              hidden: list[torch.Tensor], inputs: BlockInputs, device: torch.device,
+              options: PipelineOptions, *, stop: bool) -> list[torch.Tensor]:
+    """One H = mean xᵀx per group from a pass over the calibration batches."""
+    accumulators = [HessianAccumulator(group[0].in_features, device=device, dtype=options.hessian_dtype)
+                    for group in groups]
+
+    def feeder(accumulator: HessianAccumulator):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            accumulator.add(args[0].detach())
+            if stop:
+                raise _StopBlock
+        return hook
+
+    handles = [block.get_submodule(group[0].relative).register_forward_pre_hook(feeder(acc))
+               for group, acc in zip(groups, accumulators)]
+    dtype = next(block.parameters()).dtype
+    try:
+        with torch.no_grad():
+            for states in hidden:
+                try:
+                    run_block(block, states, inputs.call(index, states.shape[0]), device, dtype)
+                except _StopBlock:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    for group, acc in zip(groups, accumulators):
+        if acc.tokens == 0:
+            raise RuntimeError(f"{group[0].name} never ran when its block was called; its registry entry is wrong")
+    return [acc.hessian for acc in accumulators]
+
+
+def _decompose(block: nn.Module, group: tuple[TargetLayer, ...], hessian: torch.Tensor, device: torch.device,
+               options: PipelineOptions, timer: StageTimer) -> dict[TargetLayer, Decomposition]:
+    """decompose_group per set of layers in the group that ask for the same settings."""
+    by_settings: dict[Any, list[TargetLayer]] = {}
+    for target in group:
+        by_settings.setdefault(target.settings, []).append(target)
+    results: dict[TargetLayer, Decomposition] = {}
+    for settings, targets in by_settings.items():
+        weights = {t.name: layer_weight(block.get_submodule(t.relative)).to(device, torch.float32) for t in targets}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with timer.stage("decompose"):
+            found = decompose_group(weights, hessian, seed=options.seed, **settings.engine_options(),
+                                    **options.engine_options)
+        results.update({t: found[t.name] for t in targets})
+    return results
+
+
+@torch.no_grad()
+def _propagate(block: nn.Module, index: int, hidden: list[torch.Tensor], inputs: BlockInputs,
+               device: torch.device, options: PipelineOptions) -> list[torch.Tensor]:
+    """The block's outputs for every batch: the next block's inputs."""
+    dtype = next(block.parameters()).dtype
+    home = next(block.parameters()).device
+    block.to(device)
+    outputs = [run_block(block, states, inputs.call(index, states.shape[0]), device, dtype)
+               .to("cpu", options.activation_dtype) for states in hidden]
+    block.to(home)
+    return outputs
+
+
+def _record(target: TargetLayer, result: Decomposition, device: torch.device) -> LayerRecord:
+    base = result.initial_objective
+    best = result.history[result.best_iteration - 1]
+    return LayerRecord(
+        name=target.name, block=target.block, shape=(target.out_features, target.in_features),
+        pattern=str(result.pattern), rank=result.rank, method=result.method,
+        parameters=result.parameter_count, dense_parameters=target.out_features * target.in_features,
+        relative_objective=best / base if base > 0 else 0.0,
+        initial_relative_objective=result.history[0] / base if base > 0 else 0.0,
+        iterations=result.iterations, best_iteration=result.best_iteration, seconds=round(result.seconds, 4),
+        peak_rss_mb=round(peak_rss_mb(), 1), cuda_peak_mb=cuda_peak_mb(device),
+    )
+
+
+@contextlib.contextmanager
+def _rest_of_model_on(model: nn.Module, blocks_path: str, device: torch.device) -> Iterator[None]:
+    """Everything but the blocks (embeddings, rotary tables, final norm) on ``device`` for the run."""
+    home = next(model.parameters()).device
+    if home == device:
+        yield
+        return
+    parent_name, _, attr = blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = parent._modules[attr]
+    parent._modules[attr] = nn.ModuleList()
+    model.to(device)
+    parent._modules[attr] = blocks
+    try:
+        yield
+    finally:
+        parent._modules[attr] = nn.ModuleList()
+        model.to(home)
+        parent._modules[attr] = blocks
+
+
+def _bar(iterable, options: PipelineOptions, **kwargs):
+    """A tqdm bar when asked for and stderr is a terminal, else a silent stand-in."""
+    enabled = options.progress and sys.stderr.isatty()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if enabled:
+        return tqdm(iterable, dynamic_ncols=True, **kwargs)
+    return _Silent(iterable)
+
+
+class _Silent:
+    def __init__(self, iterable) -> None:
+        self.iterable = iterable if iterable is not None else ()
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, _n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
