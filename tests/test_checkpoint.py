@@ -66,8 +66,16 @@ def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, attention_bias=True, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        attention_bias=True,
+        tie_word_embeddings=True,
+    )
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     g = torch.Generator().manual_seed(seed)
     for name, mod in list(model.named_modules()):
@@ -183,6 +191,16 @@ def test_save_load_bit_identical(tmp_path: Path, dtype: torch.dtype) -> None:
     assert {"name", "in_features", "out_features", "pattern", "rank", "stored_bytes"} <= set(layer)
 
 
+def test_mixed_dtypes_kept(tmp_path: Path) -> None:
+    model = tiny_llama(torch.bfloat16)
+    model.model.norm.weight.data = torch.rand(64, dtype=torch.float32)
+    save_compressed(model, tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert loaded.model.norm.weight.dtype == torch.float32
+    assert torch.equal(loaded.model.norm.weight, model.model.norm.weight)
+    assert loaded.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+
+
 def test_tokenizer_saved(tmp_path: Path) -> None:
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -213,9 +231,11 @@ class ScaledLinearCodec(ModuleCodec):
         meta = {"in_features": module.in_features, "out_features": module.out_features, "dtype": "float32"}
         return {"weight": module.weight.detach(), "scale": module.scale.detach()}, meta
 
-    def tensor_specs(self, meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {"weight": ((meta["out_features"], meta["in_features"]), torch.float32),
-                "scale": ((meta["out_features"],), torch.float32)}
+    def tensor_specs(self, meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+        return {
+            "weight": ((meta["out_features"], meta["in_features"]), torch.float32),
+            "scale": ((meta["out_features"],), "float32"),  # a dtype name works too
+        }
 
     def decode(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> nn.Module:
         return ScaledLinear(tensors["weight"], tensors["scale"])
@@ -235,6 +255,27 @@ def test_registry_plugs_in_new_module_type(tmp_path: Path) -> None:
     assert isinstance(loaded.model.layers[1].self_attn.o_proj, ScaledLinear)
     assert torch.equal(logits(loaded), ref)
     assert any(x["kind"] == "test_scaled_linear" for x in checkpoint_info(tmp_path)["layers"])
+
+
+def test_stories260k_round_trip(tmp_path: Path) -> None:
+    """The real tiny model (llama2.c weights via the project loader) saves and loads bit-identically."""
+    try:
+        from hasslefree.loading import load_model
+
+        model, tok = load_model("stories260K")
+    except (ImportError, OSError) as exc:  # OSError covers a missing data folder
+        pytest.skip(f"stories260K unavailable: {exc}")
+    g = torch.Generator().manual_seed(0)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            w = mod.weight.detach()
+            U, V = torch.randn(w.shape[0], 4, generator=g) * 0.01, torch.randn(w.shape[1], 4, generator=g) * 0.01
+            new = SparseLowRankLinear.from_linear_parts(prune(w, "2:4", g), U, V, pattern="2:4")
+            replace_linear(model, name, new)
+    save_compressed(model, tmp_path, {"method": "test"}, tokenizer=tok)
+    ids = torch.tensor([tok.encode("Once upon a time")])
+    with torch.no_grad():
+        assert torch.equal(load_compressed(tmp_path)(ids).logits, model(ids).logits)
 
 
 # ----------------------------------------------------------------- errors
@@ -321,7 +362,7 @@ def test_no_unsafe_torch_load_in_src() -> None:
     for path in SRC.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         for match in re.finditer(r"torch\.load\(", text):
-            call = text[match.end(): match.end() + 400].split(")\n")[0]
+            call = text[match.end() : match.end() + 400].split(")\n")[0]
             if not re.search(r"weights_only\s*=\s*True", call):
                 offenders.append(f"{path}:{text[: match.start()].count(chr(10)) + 1}")
         if re.search(r"^\s*(import pickle|from pickle)", text, re.M) and "checkpoint" in path.parts:
@@ -341,8 +382,15 @@ def test_info_analytic_matches_measured(saved: Path, capsys: pytest.CaptureFixtu
     assert info_command(str(saved / "nowhere")) == 1
 
 
-LLAMA3_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
-             "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+LLAMA3_8B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
 
 
 def test_llama3_8b_shapes_ratio() -> None:
@@ -357,8 +405,14 @@ def test_scaled_down_measured_ratio(tmp_path: Path) -> None:
     """Same shape ratios as Llama-3-8B at 1/32 scale: measured bytes match the analytic count."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=448, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=1, vocab_size=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=448,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     for name, mod in list(model.model.layers.named_modules(prefix="model.layers")):

@@ -31,8 +31,15 @@ def tiny_compressed_llama(seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, attention_bias=True)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        attention_bias=True,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(seed)
     for name, mod in list(model.named_modules()):

@@ -116,8 +116,7 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     need = math.ceil(count * bits / 8)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise ValueError(
-            f"packed indices must be a 1-D uint8 tensor of {need} bytes, "
-            f"got {packed.dtype} {tuple(packed.shape)}"
+            f"packed indices must be a 1-D uint8 tensor of {need} bytes, got {packed.dtype} {tuple(packed.shape)}"
         )
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)

@@ -164,4 +164,3 @@ def export_peft(source: Source, out_dir: str | os.PathLike[str], tokenizer: Any 
     save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     logger.info("exported sparse base + LoRA adapter for %d layers to %s", len(lora), out_dir)
     return out_dir
-

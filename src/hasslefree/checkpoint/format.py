@@ -12,6 +12,7 @@ Nothing is pickled, and the JSON is written last, so a directory that has it is 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -191,7 +192,7 @@ def _skip_weight_init() -> Iterator[None]:
     ctx: Any = None
     for mod in ("transformers.initialization", "transformers.modeling_utils"):
         try:
-            ctx = getattr(__import__(mod, fromlist=["no_init_weights"]), "no_init_weights")
+            ctx = importlib.import_module(mod).no_init_weights
             break
         except (ImportError, AttributeError):
             continue
@@ -218,12 +219,15 @@ def _build_model(config: dict[str, Any], config_path: Path) -> nn.Module:
     return model
 
 
-def _check_entry(path: Path, key: str, entry: HeaderEntry | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def _check_entry(
+    path: Path, key: str, entry: HeaderEntry | None, shape: tuple[int, ...], dtype: torch.dtype | None
+) -> None:
+    """Compare a header entry with what the config implies (dtype None: any dtype is fine)."""
     if entry is None:
         raise CheckpointError(path, f"tensor {key!r} is missing")
     if entry.shape != tuple(shape):
         raise CheckpointError(path, f"tensor {key!r} has shape {list(entry.shape)}, config expects {list(shape)}")
-    if entry.dtype != dtype:
+    if dtype is not None and entry.dtype != dtype:
         raise CheckpointError(path, f"tensor {key!r} has dtype {entry.dtype}, config expects {dtype}")
 
 
@@ -252,7 +256,8 @@ def load_compressed(directory: str | os.PathLike[str], device: str | torch.devic
             parts = {}
             for rel, (shape, dtype) in specs.items():
                 key = f"{name}.{rel}"
-                _check_entry(weights_path, key, header.get(key), shape, dtype)
+                want = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+                _check_entry(weights_path, key, header.get(key), tuple(shape), want)
                 parts[rel] = get(key)
                 used.add(key)
             try:
@@ -261,8 +266,11 @@ def load_compressed(directory: str | os.PathLike[str], device: str | torch.devic
                 raise CheckpointError(config_path, f"layer {name!r} does not exist in the rebuilt model") from exc
             expect = (getattr(old, "out_features", None), getattr(old, "in_features", None))
             if expect != (None, None) and expect != (layer.get("out_features"), layer.get("in_features")):
-                raise CheckpointError(config_path, f"layer {name!r} is {layer.get('out_features')}x"
-                                      f"{layer.get('in_features')} but the model config says {expect[0]}x{expect[1]}")
+                raise CheckpointError(
+                    config_path,
+                    f"layer {name!r} is {layer.get('out_features')}x"
+                    f"{layer.get('in_features')} but the model config says {expect[0]}x{expect[1]}",
+                )
             try:
                 module = codec.decode(parts, layer)
             except ValueError as exc:
@@ -274,7 +282,7 @@ def load_compressed(directory: str | os.PathLike[str], device: str | torch.devic
         for key, t in model.state_dict().items():
             if key in aliases or any(key.startswith(p) for p in prefixes):
                 continue
-            _check_entry(weights_path, key, header.get(key), tuple(t.shape), t.dtype)
+            _check_entry(weights_path, key, header.get(key), tuple(t.shape), None)
             state[key] = get(key)
             used.add(key)
         for alias, target in aliases.items():
@@ -284,7 +292,10 @@ def load_compressed(directory: str | os.PathLike[str], device: str | torch.devic
     unexpected = sorted(set(header) - used)
     if unexpected:
         raise CheckpointError(weights_path, f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
-    model.load_state_dict(state, strict=False)
+    # assign=True keeps each stored dtype (e.g. a norm kept in float32); ties are re-made after.
+    model.load_state_dict(state, strict=False, assign=True)
+    if aliases and hasattr(model, "tie_weights"):
+        model.tie_weights()
     _restore_buffer_dtypes(model, dict(config.get("buffer_dtypes") or {}))
     model.to(device)
     model.eval()

@@ -50,8 +50,13 @@ def analytic_linear_bytes(
 ) -> float:
     """Predicted stored bytes of one SparseLowRankLinear (``nnz`` needed for unstructured)."""
     meta = {
-        "out_features": out_features, "in_features": in_features, "pattern": pattern, "rank": rank,
-        "dtype": str(dtype).removeprefix("torch."), "bias": bias, "nnz": nnz,
+        "out_features": out_features,
+        "in_features": in_features,
+        "pattern": pattern,
+        "rank": rank,
+        "dtype": str(dtype).removeprefix("torch."),
+        "bias": bias,
+        "nnz": nnz,
     }
     return codec_for_kind("sparse_lowrank_linear").analytic_bytes(meta)
 
@@ -67,8 +72,12 @@ def estimate_compression(
         per[name] = {"analytic_bytes": comp, "dense_bf16_bytes": dense, "ratio": comp / dense}
     comp_total = sum(v["analytic_bytes"] for v in per.values())
     dense_total = sum(v["dense_bf16_bytes"] for v in per.values())
-    return {"layers": per, "analytic_bytes": comp_total, "dense_bf16_bytes": dense_total,
-            "ratio": comp_total / dense_total if dense_total else float("nan")}
+    return {
+        "layers": per,
+        "analytic_bytes": comp_total,
+        "dense_bf16_bytes": dense_total,
+        "ratio": comp_total / dense_total if dense_total else float("nan"),
+    }
 
 
 def checkpoint_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -94,11 +103,18 @@ def checkpoint_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
         measured = sum(header[k].nbytes for k in keys)
         claimed.update(keys)
         dense = dense_linear_bytes(out_f, in_f, bool(layer.get("bias")))
-        layers.append({
-            "name": name, "kind": layer["kind"], "shape": [out_f, in_f], **codec.summary(layer),
-            "measured_bytes": measured, "analytic_bytes": analytic, "dense_bf16_bytes": dense,
-            "ratio": measured / dense if dense else float("nan"),
-        })
+        layers.append(
+            {
+                "name": name,
+                "kind": layer["kind"],
+                "shape": [out_f, in_f],
+                **codec.summary(layer),
+                "measured_bytes": measured,
+                "analytic_bytes": analytic,
+                "dense_bf16_bytes": dense,
+                "ratio": measured / dense if dense else float("nan"),
+            }
+        )
     measured_total = sum(x["measured_bytes"] for x in layers)
     analytic_total = sum(x["analytic_bytes"] for x in layers)
     dense_total = sum(x["dense_bf16_bytes"] for x in layers)
@@ -138,22 +154,46 @@ def format_info(info: Mapping[str, Any]) -> str:
 
     head = ("layer", "shape", "pattern", "rank", f"stored {unit}", f"analytic {unit}", f"dense bf16 {unit}", "ratio")
     rows = [
-        (x["name"], "x".join(map(str, x["shape"])), str(x.get("pattern", "-")), str(x.get("rank", "-")),
-         _mb(x["measured_bytes"]), _mb(x["analytic_bytes"]), _mb(x["dense_bf16_bytes"]), f"{x['ratio']:.3f}")
+        (
+            x["name"],
+            "x".join(map(str, x["shape"])),
+            str(x.get("pattern", "-")),
+            str(x.get("rank", "-")),
+            _mb(x["measured_bytes"]),
+            _mb(x["analytic_bytes"]),
+            _mb(x["dense_bf16_bytes"]),
+            f"{x['ratio']:.3f}",
+        )
         for x in info["layers"]
     ]
-    rows.append(("TOTAL", "", "", "", _mb(t["measured_bytes"]), _mb(t["analytic_bytes"]),
-                 _mb(t["dense_bf16_bytes"]), f"{t['ratio']:.3f}"))
+    rows.append(
+        (
+            "TOTAL",
+            "",
+            "",
+            "",
+            _mb(t["measured_bytes"]),
+            _mb(t["analytic_bytes"]),
+            _mb(t["dense_bf16_bytes"]),
+            f"{t['ratio']:.3f}",
+        )
+    )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def line(r: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
     sep = "-" * len(line(head))
-    out = [f"{info['directory']}  (dtype {info['dtype']}, method {info.get('method')}, pattern {info.get('pattern')})",
-           line(head), sep, *map(line, rows[:-1]), sep, line(rows[-1]),
-           f"other tensors (embeddings, norms, uncompressed layers): {_mb(t['other_tensor_bytes'])} {unit}; "
-           f"weights file {_mb(t['file_bytes'])} {unit}"]
+    out = [
+        f"{info['directory']}  (dtype {info['dtype']}, method {info.get('method')}, pattern {info.get('pattern')})",
+        line(head),
+        sep,
+        *map(line, rows[:-1]),
+        sep,
+        line(rows[-1]),
+        f"other tensors (embeddings, norms, uncompressed layers): {_mb(t['other_tensor_bytes'])} {unit}; "
+        f"weights file {_mb(t['file_bytes'])} {unit}",
+    ]
     return "\n".join(out)
 
 

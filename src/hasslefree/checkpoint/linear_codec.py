@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from hasslefree.checkpoint.encoding import (
@@ -72,8 +71,13 @@ class SparseLowRankLinearCodec(ModuleCodec):
         bias = tensors.get("bias")
         # Built directly (not via from_linear_parts) so every decoded bit is kept as stored.
         module = SparseLowRankLinear(
-            shape[1], shape[0], int(meta["rank"]), bias=bias is not None,
-            pattern=meta["pattern"], device="meta", dtype=sparse.dtype,
+            shape[1],
+            shape[0],
+            int(meta["rank"]),
+            bias=bias is not None,
+            pattern=meta["pattern"],
+            device="meta",
+            dtype=sparse.dtype,
         )
         module.sparse_weight = nn.Parameter(sparse)
         module.U = nn.Parameter(tensors["U"].contiguous())

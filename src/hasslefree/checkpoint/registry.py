@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ModuleCodec", "register_codec", "codec_for_module", "codec_for_kind", "registered_kinds"]
 
-TensorSpec = tuple[tuple[int, ...], torch.dtype]
+TensorSpec = tuple[tuple[int, ...], torch.dtype | str]  # dtype or its name, e.g. "bfloat16"
 
 
 class ModuleCodec(ABC):
@@ -39,7 +39,7 @@ class ModuleCodec(ABC):
 
     @abstractmethod
     def tensor_specs(self, meta: dict[str, Any]) -> dict[str, TensorSpec]:
-        """Expected (shape, dtype) of every tensor ``encode`` writes, from metadata alone."""
+        """Expected (shape, dtype or dtype name) of every tensor ``encode`` writes, from metadata alone."""
 
     @abstractmethod
     def decode(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> nn.Module:

@@ -37,9 +37,7 @@ class SparseLowRankLinear(nn.Module):
     ) -> None:
         super().__init__()
         if in_features < 0 or out_features < 0 or rank < 0:
-            raise ValueError(
-                f"dimensions must be non-negative, got in={in_features}, out={out_features}, rank={rank}"
-            )
+            raise ValueError(f"dimensions must be non-negative, got in={in_features}, out={out_features}, rank={rank}")
         kw = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -61,7 +59,7 @@ class SparseLowRankLinear(nn.Module):
         V: Tensor | None,
         bias: Tensor | None = None,
         pattern: str = "unstructured",
-    ) -> "SparseLowRankLinear":
+    ) -> SparseLowRankLinear:
         """Wrap solver outputs; ``U``/``V`` may be ``None`` for a purely sparse layer.
 
         Zeros of ``sparse`` are normalised to +0.0: a compact encoding stores no sign
