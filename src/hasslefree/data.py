@@ -21,7 +21,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -267,14 +267,22 @@ def calibration_batch(
         raise ValueError(f"seqlen must be a positive integer, got {seqlen!r}")
     docs = documents(source, split="calib", data_root=data_root)
     rng = random.Random(seed)
-    token_docs = [encode(tokenizer, d) for d in docs]
-    if len(token_docs) > 1:
-        if any(len(t) > seqlen for t in token_docs):
-            spans = sample_document_windows([len(t) for t in token_docs], nsamples, seqlen, rng)
-            return torch.tensor([token_docs[d][s : s + seqlen] for d, s in spans], dtype=torch.long)
-        logger.info("no document of %s has more than %d tokens: sampling from the joined text", source, seqlen)
-        token_docs = [encode(tokenizer, " ".join(docs))]
-    tokens = token_docs[0]
+    if len(docs) > 1:
+        cache: dict[int, list[int]] = {}
+
+        def tokens_of(doc: int) -> list[int]:
+            if doc not in cache:
+                cache[doc] = encode(tokenizer, docs[doc])
+            return cache[doc]
+
+        try:
+            spans = sample_document_windows(len(docs), lambda d: len(tokens_of(d)), nsamples, seqlen, rng)
+            return torch.tensor([tokens_of(d)[s : s + seqlen] for d, s in spans], dtype=torch.long)
+        except _NoLongDocument:
+            logger.info("no document of %s has more than %d tokens: sampling the joined text", source, seqlen)
+            rng = random.Random(seed)
+            docs = [" ".join(docs)]
+    tokens = encode(tokenizer, docs[0])
     if len(tokens) < seqlen:
         raise ValueError(
             f"calibration text {source} has {len(tokens)} tokens; one window of seqlen={seqlen} "
@@ -284,17 +292,29 @@ def calibration_batch(
     return torch.tensor([tokens[s : s + seqlen] for s in starts], dtype=torch.long)
 
 
+class _NoLongDocument(ValueError):
+    """No document is longer than the calibration window."""
+
+
 def sample_document_windows(
-    lengths: Sequence[int], nsamples: int, seqlen: int, rng: random.Random
+    n_docs: int, length: Callable[[int], int], nsamples: int, seqlen: int, rng: random.Random
 ) -> list[tuple[int, int]]:
-    """``(document, start)`` pairs as SparseGPT draws them: retry documents of <= seqlen tokens."""
-    if not any(n > seqlen for n in lengths):
-        raise ValueError(f"no document has more than seqlen={seqlen} tokens (longest: {max(lengths)})")
+    """``(document, start)`` pairs drawn as SparseGPT does: redraw documents of <= seqlen tokens.
+
+    ``length(doc)`` is only called for drawn documents, so only those get tokenised.
+    """
+    lengths: dict[int, int] = {}
     spans = []
     for _ in range(nsamples):
         while True:
-            doc = rng.randint(0, len(lengths) - 1)
+            doc = rng.randint(0, n_docs - 1)
+            if doc not in lengths:
+                lengths[doc] = length(doc)
             if lengths[doc] > seqlen:
                 break
+            if len(lengths) == n_docs and max(lengths.values()) <= seqlen:
+                raise _NoLongDocument(
+                    f"no document has more than seqlen={seqlen} tokens (longest: {max(lengths.values())})"
+                )
         spans.append((doc, rng.randint(0, lengths[doc] - seqlen - 1)))
     return spans

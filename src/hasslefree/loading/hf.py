@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .spm_tokenizer import SentencePieceTokenizer, load_sentencepiece_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,29 @@ def load_pretrained(
     kwargs: dict = {"local_files_only": local_files_only}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
+    tokenizer = _saved_sentencepiece_tokenizer(source) if gguf_file is None else None
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **kwargs)
     if gguf_file is not None:
         drop_gguf_quantizer(model)
     return model, tokenizer
+
+
+def _saved_sentencepiece_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:
+    """Reload a :class:`SentencePieceTokenizer` saved into a local model folder.
+
+    ``AutoTokenizer`` would map the folder's Llama config to the `tokenizers` Llama class,
+    which cannot read the sentencepiece file without extra packages (and would change ids).
+    """
+    folder = Path(source)
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        tokenizer_class = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    if tokenizer_class != SentencePieceTokenizer.__name__:
+        return None
+    return load_sentencepiece_tokenizer(folder / "tokenizer.model")
