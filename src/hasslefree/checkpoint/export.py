@@ -38,10 +38,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 Source = str | os.PathLike[str] | nn.Module
 
 
-def _resolve(source: Source) -> tuple[nn.Module, Path | None]:
-    if isinstance(source, nn.Module):
-        return source, None
-    directory = Path(source)
+def _resolve(directory_or_model: Source) -> tuple[nn.Module, Path | None]:
+    if isinstance(directory_or_model, nn.Module):
+        return directory_or_model, None
+    directory = Path(directory_or_model)
     return load_compressed(directory), directory
 
 
@@ -105,9 +105,9 @@ def _copy_tokenizer(directory: Path | None, out_dir: Path, tokenizer: Any) -> No
             shutil.copy2(src, out_dir / fname)
 
 
-def export_dense(source: Source, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+def export_dense(directory_or_model: Source, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
     """Write W_S + U Vᵀ as ordinary weights; ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it."""
-    model, directory = _resolve(source)
+    model, directory = _resolve(directory_or_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _swapped(model, _merged_linear) as layers:
@@ -136,13 +136,13 @@ def lora_config_for(ranks: dict[str, int], base_path: str) -> Any:
     )
 
 
-def export_peft(source: Source, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+def export_peft(directory_or_model: Source, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
     """Sparse base as a plain HF checkpoint in ``out_dir`` plus a LoRA adapter in ``out_dir/adapter``.
 
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir), out_dir / "adapter")``
     then computes ``x W_Sᵀ + (x V) Uᵀ`` like the compressed model. Rank-0 layers get no adapter.
     """
-    model, directory = _resolve(source)
+    model, directory = _resolve(directory_or_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _swapped(model, _sparse_base_linear) as layers:

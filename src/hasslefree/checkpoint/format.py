@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from hasslefree.checkpoint.files import (
 )
 from hasslefree.checkpoint.registry import codec_for_kind, codec_for_module
 from hasslefree.nn import replace_linear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +234,7 @@ def _check_entry(
         raise CheckpointError(path, f"tensor {key!r} has dtype {entry.dtype}, config expects {dtype}")
 
 
-def load_compressed(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+def load_compressed(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> PreTrainedModel:
     """Rebuild the saved model: HF skeleton from the JSON, compressed modules swapped in, tensors loaded."""
     directory = Path(directory)
     config = read_checkpoint_config(directory)
