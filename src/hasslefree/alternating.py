@@ -70,12 +70,15 @@ def alternate(
     best: LoopResult | None = None
     history: list[float] = []
     for iteration in range(1, iterations + 1):
+        previous = sparse if iteration > 1 else None
         if start == "sparse":
-            sparse = prune(weight - _product(factors, weight), hessian, pattern, **prune_options)
+            sparse = prune(weight - _product(factors, weight), hessian, pattern, previous=previous,
+                           **prune_options)
         factors = lowrank(weight - sparse, hessian, rank, warm=factors, iteration=iteration,
                           generator=generator, **lowrank_options)
         if start == "lowrank":
-            sparse = prune(weight - _product(factors, weight), hessian, pattern, **prune_options)
+            sparse = prune(weight - _product(factors, weight), hessian, pattern, previous=previous,
+                           **prune_options)
         value = residual_objective(weight - sparse - _product(factors, weight), h)
         history.append(value)
         if best is None or value < best.history[0]:

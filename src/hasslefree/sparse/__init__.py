@@ -3,6 +3,8 @@
 Each solver is a pure function ``(target, hessian, pattern, **options) -> sparse`` where
 ``target`` is (out x in), ``hessian`` a :class:`~hasslefree.hessian.PreparedHessian`, and
 the result has zeros off the pattern. They differ only in how much of H they use.
+The alternating loop also passes ``previous`` (the last sparse iterate) for warm starts;
+solvers that cannot use it ignore it.
 """
 
 from hasslefree.sparse.alps import alps_prune

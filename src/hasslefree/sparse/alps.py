@@ -28,11 +28,16 @@ def alps_prune(
     rho: float = 0.1,
     check_every: int = 3,
     refit_iterations: int = 40,
+    previous: torch.Tensor | None = None,
+    warm_iterations: int = 30,
+    warm_rho: float = 1.0,
 ) -> torch.Tensor:
     """ADMM on min tr((T − W) H (T − W)ᵀ) s.t. W = D, D in ``pattern``; refit at the end.
 
     H is normalised by its mean diagonal so the penalty schedule is scale free. The
     eigendecomposition of H makes every ridge solve (H + ρI)⁻¹ two matrix products.
+    Inside the alternating loop ``previous`` (the last sparse iterate) warm starts the
+    ADMM with a larger penalty and fewer steps, since the support moves little.
     """
     dtype = hessian.damped.dtype
     goal = target.to(dtype)
@@ -41,7 +46,11 @@ def alps_prune(
     h = hessian.damped / scale
     evals, evecs = torch.linalg.eigh(h)
     goal_h = goal @ h
-    sparse = pattern.project(goal)
+    if previous is not None:
+        sparse = pattern.project(previous.to(dtype))
+        iterations, rho = warm_iterations, warm_rho
+    else:
+        sparse = pattern.project(goal)
     dual = torch.zeros_like(goal)
     support = sparse != 0
     kept = max(1, pattern.kept_count(*goal.shape))

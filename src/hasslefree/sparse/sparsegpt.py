@@ -20,6 +20,7 @@ def sparsegpt_prune(
     *,
     blocksize: int = 128,
     adaptive_mask: bool = True,
+    **_: object,
 ) -> torch.Tensor:
     """Prune ``target`` (out x in) to ``pattern`` with SparseGPT's blocked OBS updates.
 
