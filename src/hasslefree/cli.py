@@ -1,0 +1,237 @@
+"""``hasslefree`` command line: compress, eval, info, export.
+
+Every argument, and every targeted layer of the model, is checked before the first block
+is compressed; bad input ends with one ``hasslefree: error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger("hasslefree.cli")
+
+DTYPES = ("float32", "bfloat16", "float16")
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        sys.stderr.write(f"hasslefree: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("hasslefree: interrupted\n")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hasslefree", description="Sparse + low-rank compression of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", "-q", action="store_true", help="only warnings and results; no progress bars")
+
+    c = sub.add_parser("compress", parents=[quiet], help="compress a model into a checkpoint directory")
+    c.add_argument("model", help="HF folder, hub id, .gguf, llama2.c .bin, or alias (smollm2, stories260K)")
+    c.add_argument("--out", required=True, help="output directory (also holds the resume state)")
+    c.add_argument("--pattern", default="2:4", help="N:M (keep N of M), unstructured:D, row:D or dense")
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--rank", type=int, help="fixed rank per layer (default 64; 0 for pruning methods)")
+    budget.add_argument("--rho", type=float, help="compression ratio: rank from the budget left by the N:M part")
+    c.add_argument("--kappa", type=float, help="rank ratio for unstructured sparsity (needs --rho)")
+    c.add_argument("--method", default="hassle-free", help="a preset (see hasslefree.PRESETS)")
+    c.add_argument("--iterations", type=int, help="alternating iterations (default: the method's)")
+    c.add_argument("--calib", default="c4", help="calibration dataset name or text/jsonl/parquet file")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, help="calibration window (default 2048, capped at the context)")
+    c.add_argument("--batch-size", type=int, default=1, help="calibration windows per block call")
+    c.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    c.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--percdamp", type=float, help="Hessian damping as a fraction of mean(diag H)")
+    c.add_argument("--override", action="append", default=[], metavar="REGEX=key:value,...",
+                   help="per-layer settings, e.g. 'mlp.down_proj=rank:32,pattern:4:8' (keys: pattern, rank, "
+                        "method, iterations, skip)")
+    c.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching layers dense")
+    c.add_argument("--no-modules", action="store_true",
+                   help="write the merged dense weights instead of SparseLowRankLinear modules")
+    c.add_argument("--no-true-sequential", action="store_true",
+                   help="take all Hessians of a block from its input before compressing any of its layers")
+    c.set_defaults(handler=_compress)
+
+    e = sub.add_parser("eval", parents=[quiet], help="perplexity of a model or compressed directory")
+    e.add_argument("model", help="a compressed directory or anything `compress` accepts")
+    e.add_argument("--ppl", default="wikitext2", help="comma-separated datasets or files")
+    e.add_argument("--seqlen", type=int, help="window length (default 2048, capped at the context)")
+    e.add_argument("--max-windows", type=int, help="score only the first N windows of each dataset")
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the one saved or loaded)")
+    e.set_defaults(handler=_eval)
+
+    i = sub.add_parser("info", parents=[quiet], help="sizes of a compressed checkpoint")
+    i.add_argument("directory")
+    i.set_defaults(handler=_info)
+
+    x = sub.add_parser("export", parents=[quiet], help="export a compressed checkpoint for plain transformers/peft")
+    x.add_argument("directory")
+    x.add_argument("--to", choices=("dense", "peft"), required=True)
+    x.add_argument("output")
+    x.set_defaults(handler=_export)
+    return parser
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """'REGEX=key:value,key:value' items into compress()'s overrides mapping."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        regex, sep, spec = item.rpartition("=")
+        if not sep or not regex or not spec:
+            raise UsageError(f"--override {item!r}: expected REGEX=key:value[,key:value...]")
+        values: dict[str, Any] = {}
+        for part in spec.split(","):
+            key, _, value = part.partition(":")
+            key = key.strip()
+            if key == "skip":
+                values["skip"] = value.strip().lower() not in {"0", "false", "no"}
+            elif key in {"rank", "iterations"}:
+                try:
+                    values[key] = int(value)
+                except ValueError:
+                    raise UsageError(f"--override {item!r}: {key} must be an integer, got {value!r}") from None
+            elif key in {"pattern", "method"} and value:
+                values[key] = value.strip()
+            else:
+                raise UsageError(f"--override {item!r}: unknown or empty key {part!r}; "
+                                 "use pattern, rank, method, iterations or skip")
+        overrides.setdefault(regex, {}).update(values)
+    return overrides
+
+
+def rank_from_args(args: argparse.Namespace) -> Any:
+    from hasslefree.rank_policy import RankPolicy
+
+    if args.kappa is not None:
+        if args.rho is None:
+            raise UsageError("--kappa needs --rho (the overall compression ratio)")
+        return RankPolicy.rank_ratio(args.kappa, args.rho)
+    if args.rho is not None:
+        return RankPolicy.compression(args.rho)
+    return args.rank
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available")
+    return name
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from hasslefree.data import calibration_batch, resolve_source
+    from hasslefree.evaluate import check_seqlen
+    from hasslefree.pipeline import DEFAULT_SKIP, ResumeMismatch, check_calibration, compress, prepare
+
+    engine = {"percdamp": args.percdamp} if args.percdamp is not None else {}
+    skip = (*DEFAULT_SKIP, *args.skip)
+    try:
+        overrides = parse_overrides(args.override)
+        rank = rank_from_args(args)
+        device = _device(args.device)
+        if args.nsamples < 1 or args.batch_size < 1:
+            raise ValueError("--nsamples and --batch-size must be >= 1")
+        resolve_source(args.calib, split="calib")
+        model, tokenizer = _load(args.model, args.dtype)
+        prepare(model, pattern=args.pattern, rank=rank, method=args.method, iterations=args.iterations,
+                overrides=overrides, skip=skip, engine_options=engine)
+        seqlen = check_seqlen(model, args.seqlen)
+        calibration = check_calibration(model, calibration_batch(tokenizer, args.calib, args.nsamples, seqlen,
+                                                                 args.seed))
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    try:
+        report = compress(model, tokenizer, calibration=calibration, pattern=args.pattern, rank=rank,
+                          method=args.method, iterations=args.iterations, overrides=overrides, skip=skip,
+                          device=device, out_dir=args.out, seed=args.seed, progress=not args.quiet,
+                          batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
+                          dense=args.no_modules, model_name=args.model, **engine)
+    except ResumeMismatch as exc:
+        raise UsageError(_one_line(exc)) from None
+    sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hasslefree.data import resolve_source
+    from hasslefree.evaluate import check_seqlen, format_table, perplexities
+
+    datasets = [d.strip() for d in args.ppl.split(",") if d.strip()]
+    try:
+        if not datasets:
+            raise ValueError("--ppl names no dataset")
+        for name in datasets:
+            resolve_source(name)
+        if args.max_windows is not None and args.max_windows < 1:
+            raise ValueError("--max-windows must be >= 1")
+        device = _device(args.device)
+        model, tokenizer = _load(args.model, args.dtype, device=device, tokenizer=args.tokenizer)
+        seqlen = check_seqlen(model, args.seqlen)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    rows = perplexities(model, tokenizer, datasets, seqlen, max_windows=args.max_windows)
+    table = format_table(("dataset", "seqlen", "windows", "perplexity"),
+                         [(r.dataset, r.seqlen, r.windows, r.perplexity) for r in rows])
+    sys.stdout.write(f"{args.model}\n{table}\n")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from hasslefree.checkpoint import info_command
+
+    return info_command(args.directory)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hasslefree.checkpoint import CheckpointError, export_dense, export_peft
+
+    try:
+        target = (export_dense if args.to == "dense" else export_peft)(args.directory, args.output)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    sys.stdout.write(f"wrote {target}\n")
+    return 0
+
+
+def _load(spec: str, dtype: str, device: str = "cpu", tokenizer: str | None = None) -> tuple[Any, Any]:
+    from hasslefree.evaluate import load_any
+
+    return load_any(spec, dtype=_dtype(dtype), device=device, tokenizer=tokenizer)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Load a dense or compressed model by one name, and tabulate its perplexities.
+
+Shared by ``hasslefree eval`` and the demo so both report numbers the same way: the
+SparseGPT protocol of :mod:`hasslefree.perplexity`, optionally on the first N windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hasslefree.data import eval_max_windows, eval_tokens
+from hasslefree.perplexity import model_context_length, perplexity
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_CONFIG = "hasslefree_config.json"
+
+
+@dataclass(frozen=True)
+class PerplexityRow:
+    dataset: str
+    seqlen: int
+    windows: int
+    perplexity: float
+    seconds: float
+
+
+def is_compressed_dir(spec: str | Path) -> bool:
+    return Path(spec).is_dir() and (Path(spec) / CHECKPOINT_CONFIG).is_file()
+
+
+def load_any(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             tokenizer: str | None = None) -> tuple[nn.Module, Any]:
+    """A compressed checkpoint directory (via hasslefree.checkpoint) or anything load_model takes."""
+    from hasslefree.loading import load_model
+
+    if not is_compressed_dir(spec):
+        model, tok = load_model(str(spec), dtype=dtype, device=device)
+        return model, (_tokenizer_from(tokenizer) if tokenizer else tok)
+    from hasslefree.checkpoint import load_compressed
+    from hasslefree.checkpoint.files import read_checkpoint_config
+
+    model = load_compressed(spec, device=device)
+    if tokenizer:
+        return model, _tokenizer_from(tokenizer)
+    source = (read_checkpoint_config(Path(spec)).get("run_config") or {}).get("model")
+    return model, _checkpoint_tokenizer(Path(spec), source)
+
+
+def _tokenizer_from(spec: str) -> Any:
+    """The tokenizer of whatever model ``spec`` names (loads that model once)."""
+    from hasslefree.loading import load_model
+
+    return load_model(spec)[1]
+
+
+def _checkpoint_tokenizer(directory: Path, source: str | None) -> Any:
+    """The tokenizer saved with the checkpoint, except for llama2.c sources whose sentencepiece
+    tokenizer does not round-trip through ``save_pretrained``: that is reloaded from its file."""
+    from hasslefree.loading import resolve_alias
+
+    if source:
+        path = Path(resolve_alias(source)) if _resolvable(source) else None
+        if path is not None and path.suffix == ".bin" and path.is_file():
+            from hasslefree.loading.llama2c import load_llama2c_tokenizer
+
+            return load_llama2c_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        if source:
+            logger.info("no usable tokenizer in %s (%s); loading the one of %s", directory, exc, source)
+            return _tokenizer_from(source)
+        raise FileNotFoundError(f"{directory} holds no tokenizer; pass one with --tokenizer") from exc
+
+
+def _resolvable(source: str) -> bool:
+    from hasslefree.loading import resolve_alias
+
+    try:
+        resolve_alias(source)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def check_seqlen(model: nn.Module, seqlen: int | None, default: int = 2048) -> int:
+    """The window length to use: ``seqlen`` if it fits the model's context, else a clear error;
+    None gives ``default`` capped at the context."""
+    context = model_context_length(model)
+    if seqlen is None:
+        return min(default, context) if context else default
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    if context is not None and seqlen > context:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
+    return seqlen
+
+
+def perplexities(model: nn.Module, tokenizer: Any, datasets: Sequence[str], seqlen: int, *,
+                 max_windows: int | None = None, device: str | torch.device | None = None) -> list[PerplexityRow]:
+    """Protocol perplexity per dataset; ``max_windows`` further limits the windows scored."""
+    rows = []
+    for name in datasets:
+        tokens = eval_tokens(tokenizer, name, seqlen=seqlen)
+        limits = [w for w in (eval_max_windows(name), max_windows) if w is not None]
+        windows = min([tokens.shape[1] // seqlen, *limits])
+        began = time.perf_counter()
+        value = perplexity(model, tokens, seqlen, device=device, max_windows=min(limits) if limits else None)
+        rows.append(PerplexityRow(str(name), seqlen, windows, value, time.perf_counter() - began))
+        logger.info("%s: perplexity %.4f over %d windows of %d tokens", name, value, windows, seqlen)
+    return rows
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table (first column left-aligned, the rest right-aligned)."""
+    cells = [[str(c) for c in columns]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
