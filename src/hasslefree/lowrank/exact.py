@@ -25,14 +25,17 @@ def exact_lowrank(
     power_iterations: int = 2,
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` minimiser of tr((T − M) H (T − M)ᵀ) for the damped H, as (U, V)."""
+    """Rank-``rank`` minimiser of tr((T − M) H (T − M)ᵀ) for the damped H, as (U, V).
+
+    ``randomized`` never forms T L: it only multiplies T and L by thin (r + oversample)
+    blocks, O((out + in) · in · r) instead of O(out · in²).
+    """
     chol = hessian.chol.to(target.dtype)
-    whitened = target @ chol
-    if randomized and rank + oversample < min(whitened.shape):
-        left, singular, right = _randomized_svd(whitened, rank, oversample, power_iterations,
-                                                chol, warm, generator)
+    if randomized and rank + oversample < min(target.shape):
+        left, singular, right = _randomized_svd(target, chol, rank + oversample, power_iterations,
+                                                warm, generator)
     else:
-        left, singular, right_t = torch.linalg.svd(whitened, full_matrices=False)
+        left, singular, right_t = torch.linalg.svd(target @ chol, full_matrices=False)
         right = right_t.mT
     u, v_white = split_factors(left, singular, right, rank)
     # V = L⁻ᵀ Q Σ^½ so that U Vᵀ = P Σ Qᵀ L⁻¹.
@@ -40,21 +43,24 @@ def exact_lowrank(
     return u, v
 
 
-def _randomized_svd(matrix: torch.Tensor, rank: int, oversample: int, power_iterations: int,
-                    chol: torch.Tensor, warm: tuple[torch.Tensor, torch.Tensor] | None,
+def _randomized_svd(target: torch.Tensor, chol: torch.Tensor, width: int, power_iterations: int,
+                    warm: tuple[torch.Tensor, torch.Tensor] | None,
                     generator: torch.Generator | None):
-    """Halko et al. range finder; the previous right factor (whitened) seeds the sketch."""
-    cols = matrix.shape[1]
-    width = rank + oversample
-    sketch = torch.randn(cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
+    """Halko et al. range finder for Z = T L, applied as products with T and L only.
+
+    The previous right factor, whitened (Lᵀ V), seeds the sketch: the subspace moves little
+    between alternating iterations, so a warm sketch needs fewer power iterations.
+    """
+    cols = target.shape[1]
+    sketch = torch.randn(cols, width, generator=generator, dtype=target.dtype).to(target.device)
     if warm is not None and warm[1].shape[1] > 0:
         previous = chol.mT @ warm[1]
         take = min(previous.shape[1], width)
         sketch[:, :take] = previous[:, :take]
-    basis = torch.linalg.qr(matrix @ sketch).Q
+    basis = torch.linalg.qr(target @ (chol @ sketch)).Q
     for _ in range(power_iterations):
-        basis = torch.linalg.qr(matrix.mT @ basis).Q
-        basis = torch.linalg.qr(matrix @ basis).Q
-    small = basis.mT @ matrix
+        basis = torch.linalg.qr(chol.mT @ (target.mT @ basis)).Q
+        basis = torch.linalg.qr(target @ (chol @ basis)).Q
+    small = (basis.mT @ target) @ chol
     left_small, singular, right_t = torch.linalg.svd(small, full_matrices=False)
     return basis @ left_small, singular, right_t.mT
