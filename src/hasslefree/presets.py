@@ -37,9 +37,11 @@ PRESETS: dict[str, Method] = {m.name: m for m in [
     Method("hassle-free", "sparsegpt", "adam", 80,
            lowrank_options={"steps": 50, "lr": 1e-2, "scaled": True},
            description="the paper: SparseGPT + scaled Adam on U, V"),
-    Method("hassle-free-exact", "sparsegpt", "exact", 80,
-           description="SparseGPT + the exact P2 (SVD whitened by chol(H))"),
-    Method("hassle-free-alps", "alps", "exact", 20,
+    # Low-rank step first: where U Vᵀ can carry almost the whole layer (k_proj at rank 64),
+    # pruning W first lets the sparse part absorb it and the alternation stalls above OATS.
+    Method("hassle-free-exact", "sparsegpt", "exact", 80, start="lowrank",
+           description="exact P2 (SVD whitened by chol(H)) first, then SparseGPT"),
+    Method("hassle-free-alps", "alps", "exact", 20, start="lowrank",
            description="ALPS + the exact P2"),
 ]}
 
