@@ -28,6 +28,9 @@ import logging
 import torch
 from torch import Tensor
 
+from hasslefree.hessian import prepare_hessian
+from hasslefree.objective import residual_objective
+
 from .budget import RankRule
 from .matrix import HSSMatrix, hss_partition
 
@@ -37,38 +40,16 @@ logger = logging.getLogger(__name__)
 
 
 def layer_objective(error: Tensor, hessian: Tensor) -> float:
-    """``tr(E H E^T)`` without forming an (out x out) matrix."""
-    e = error.to(torch.float64)
-    return float(((e @ hessian.to(torch.float64)) * e).sum())
+    """``tr(E H E^T)`` in float64 (the shared expanded-trace objective)."""
+    return residual_objective(error.to(torch.float64), hessian.to(torch.float64))
 
 
-def damp_hessian(hessian: Tensor, percdamp: float = 0.01, max_tries: int = 8) -> Tensor:
-    """float64 copy of H with dead inputs set to 1 and ``percdamp * mean(diag H)`` added.
+def damp_hessian(hessian: Tensor, percdamp: float = 0.01) -> Tensor:
+    """float64 damped H (dead inputs set to 1, escalation until Cholesky succeeds).
 
-    Damping is multiplied by 10 until Cholesky succeeds, so fitting never fails on a
-    rank-deficient H (few calibration tokens).
+    The same preparation the sparse + low-rank solvers use, so both fit one objective.
     """
-    h = hessian.detach().to(torch.float64).clone()
-    h = 0.5 * (h + h.T)
-    diag = torch.diagonal(h)
-    dead = diag <= 0
-    if bool(dead.any()):
-        logger.debug("%d dead inputs: setting H_jj = 1", int(dead.sum()))
-        h[dead, :] = 0.0
-        h[:, dead] = 0.0
-        diag[dead] = 1.0
-    mean_diag = float(diag.mean())
-    damp = percdamp * mean_diag if percdamp > 0 else 0.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(max_tries):
-        candidate = h + damp * eye
-        _, info = torch.linalg.cholesky_ex(candidate)
-        if int(info) == 0:
-            if attempt:
-                logger.info("Cholesky needed damping escalated to %.3g", damp)
-            return candidate
-        damp = max(damp * 10.0, 1e-8 * max(mean_diag, 1.0))
-    raise ValueError("Hessian is not positive definite even after escalated damping")
+    return prepare_hessian(0.5 * (hessian + hessian.T), percdamp=percdamp, dtype=torch.float64).damped
 
 
 def _truncated(mat: Tensor, k: int) -> tuple[Tensor, Tensor]:
