@@ -53,7 +53,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
     lines = ["| method | " + " | ".join(l.split(".")[-1] for l in layers) + " | seconds |",
              "|---|" + "---|" * (len(layers) + 1)]
     for m in methods:
-        values = [f"{cell[(m, l)]['relative_objective']:.4f}" for l in layers]
+        values = [f"{cell[(m, l)]['relative_objective']:.3g}" for l in layers]
         seconds = sum(cell[(m, l)]["seconds"] for l in layers)
         lines.append(f"| {m} | " + " | ".join(values) + f" | {seconds:.1f} |")
     return "\n".join(lines)
