@@ -151,6 +151,8 @@ def _device(name: str | None) -> str:
 def _compress(args: argparse.Namespace) -> int:
     from hasslefree.data import calibration_batch, resolve_source
     from hasslefree.evaluate import check_seqlen
+    from hasslefree.patterns import SparsityPattern
+    from hasslefree.presets import get_method
     from hasslefree.pipeline import DEFAULT_SKIP, ResumeMismatch, check_calibration, compress, prepare
 
     engine = {"percdamp": args.percdamp} if args.percdamp is not None else {}
@@ -158,6 +160,8 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         overrides = parse_overrides(args.override)
         rank = rank_from_args(args)
+        get_method(args.method)
+        SparsityPattern.parse(args.pattern)
         device = _device(args.device)
         if args.nsamples < 1 or args.batch_size < 1:
             raise ValueError("--nsamples and --batch-size must be >= 1")

@@ -1,8 +1,9 @@
 """The run report: per-layer error, budget, time and memory; per-stage timings; a plot.
 
 Relative objectives are f/f(0) = tr(E H Eᵀ)/tr(W H Wᵀ) on the calibration Hessian the
-layer saw, for the returned iterate and for the pruning-only first iterate (history[0]),
-so the gain of the low-rank part is visible layer by layer.
+layer saw, for the returned (best) iterate and for the first one (history[0]), so the gain
+of alternating is visible layer by layer. history[0] is scored after the first full
+iteration: pruning alone for pruning-only methods, prune + one low-rank fit otherwise.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class LayerRecord:
     parameters: int
     dense_parameters: int
     relative_objective: float
-    initial_relative_objective: float
+    first_iterate_relative_objective: float
     iterations: int
     best_iteration: int
     seconds: float
@@ -99,7 +100,7 @@ class CompressionReport:
         return path
 
     def plot(self, path: str | os.PathLike[str]) -> Path | None:
-        """PNG of per-layer relative error (returned iterate and pruning-only start), log scale."""
+        """PNG of per-layer relative error (returned and first iterate), log scale."""
         try:
             import matplotlib
 
@@ -112,8 +113,8 @@ class CompressionReport:
             return None
         xs = range(len(self.layers))
         fig, ax = plt.subplots(figsize=(max(6.0, len(self.layers) * 0.08), 4.0))
-        ax.plot(xs, [max(r.initial_relative_objective, 1e-12) for r in self.layers], ".-", lw=0.8,
-                label="pruning only (first iterate)")
+        ax.plot(xs, [max(r.first_iterate_relative_objective, 1e-12) for r in self.layers], ".-", lw=0.8,
+                label="first iterate")
         ax.plot(xs, [max(r.relative_objective, 1e-12) for r in self.layers], ".-", lw=0.8, label="result")
         ax.set_yscale("log")
         ax.set_xlabel("layer (in pipeline order)")

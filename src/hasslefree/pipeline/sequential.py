@@ -204,7 +204,7 @@ def _record(target: TargetLayer, result: Decomposition, device: torch.device) ->
         pattern=str(result.pattern), rank=result.rank, method=result.method,
         parameters=result.parameter_count, dense_parameters=target.out_features * target.in_features,
         relative_objective=best / base if base > 0 else 0.0,
-        initial_relative_objective=result.history[0] / base if base > 0 else 0.0,
+        first_iterate_relative_objective=result.history[0] / base if base > 0 else 0.0,
         iterations=result.iterations, best_iteration=result.best_iteration, seconds=round(result.seconds, 4),
         peak_rss_mb=round(peak_rss_mb(), 1), cuda_peak_mb=cuda_peak_mb(device),
     )
