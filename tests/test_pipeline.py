@@ -193,3 +193,51 @@ def test_stories260k_two_four_end_to_end():
     compressed = perplexity(model, tokens, 256, max_windows=16)
     assert math.isfinite(compressed) and compressed > dense
     assert compressed < 4 * dense  # compressed, not destroyed
+
+
+class _TupleBlock(nn.Module):
+    """A pre-norm block that returns (hidden, extra) like older transformers blocks."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 2 * width)
+        self.gate = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, hidden, scale=None):
+        x = self.norm(hidden)
+        return hidden + scale * self.down(torch.relu(self.gate(x)) * self.up(x)), None
+
+
+class _PlainModel(nn.Module):
+    """No transformers at all: found by discovery, called with a keyword argument."""
+
+    def __init__(self, vocab: int = 32, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(_TupleBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, vocab)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden, scale=torch.tensor(0.5))[0]
+        return type("Output", (), {"logits": self.head(hidden)})()
+
+
+def test_plain_model_with_tuple_blocks_via_discovery():
+    torch.manual_seed(0)
+    model = _PlainModel().eval()
+    ids = torch.randint(0, 32, (4, 12), generator=torch.Generator().manual_seed(1))
+    arch = resolve_architecture(model)
+    assert arch.blocks == "blocks" and arch.groups == (("gate", "up"), ("down",))  # call order
+    with torch.no_grad():
+        reference = model(ids).logits
+    compress(model, calibration=ids, pattern="dense", method="sparsegpt", progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference)
+    assert type(model.head) is nn.Linear  # outside the blocks: never touched

@@ -172,14 +172,15 @@ def _compress(args: argparse.Namespace) -> int:
         seqlen = check_seqlen(model, args.seqlen)
         calibration = check_calibration(model, calibration_batch(tokenizer, args.calib, args.nsamples, seqlen,
                                                                  args.seed))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise UsageError(_one_line(exc)) from None
     try:
-        report = compress(model, tokenizer, calibration=calibration, pattern=args.pattern, rank=rank,
-                          method=args.method, iterations=args.iterations, overrides=overrides, skip=skip,
-                          device=device, out_dir=args.out, seed=args.seed, progress=not args.quiet,
-                          batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
-                          dense=args.no_modules, model_name=args.model, **engine)
+        with _logging_beside_bars(not args.quiet):
+            report = compress(model, tokenizer, calibration=calibration, pattern=args.pattern, rank=rank,
+                              method=args.method, iterations=args.iterations, overrides=overrides, skip=skip,
+                              device=device, out_dir=args.out, seed=args.seed, progress=not args.quiet,
+                              batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
+                              dense=args.no_modules, model_name=args.model, **engine)
     except ResumeMismatch as exc:
         raise UsageError(_one_line(exc)) from None
     sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")
@@ -201,7 +202,7 @@ def _eval(args: argparse.Namespace) -> int:
         device = _device(args.device)
         model, tokenizer = _load(args.model, args.dtype, device=device, tokenizer=args.tokenizer)
         seqlen = check_seqlen(model, args.seqlen)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise UsageError(_one_line(exc)) from None
     rows = perplexities(model, tokenizer, datasets, seqlen, max_windows=args.max_windows)
     table = format_table(("dataset", "seqlen", "windows", "perplexity"),
@@ -225,6 +226,19 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(_one_line(exc)) from None
     sys.stdout.write(f"wrote {target}\n")
     return 0
+
+
+def _logging_beside_bars(enabled: bool) -> Any:
+    """Route log lines through tqdm while bars are drawn, so they do not tear the bars."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm()
 
 
 def _load(spec: str, dtype: str, device: str = "cpu", tokenizer: str | None = None) -> tuple[Any, Any]:
