@@ -84,6 +84,7 @@ def compress(
     true_sequential: bool = True,
     dense: bool = False,
     activation_dtype: torch.dtype = torch.float32,
+    hessian_dtype: torch.dtype = torch.float32,
     model_name: str | None = None,
     on_block_end: BlockCallback | None = None,
     **engine_options: Any,
@@ -94,8 +95,9 @@ def compress(
     (magnitude, wanda, sparsegpt, alps). ``overrides`` maps a regex on full layer names to
     any of ``pattern``/``rank``/``method``/``iterations``/``skip``, e.g.
     ``{"mlp.down_proj": {"rank": 32}}``. ``calibration`` ([n, seqlen] token ids) wins over
-    ``calib``/``nsamples``/``seqlen``. ``dense=True`` writes W_S + U Vᵀ into the original
-    layers instead of swapping in SparseLowRankLinear. With ``out_dir``, every finished
+    ``calib``/``nsamples``/``seqlen``. Activations between blocks stay on the CPU in
+    ``activation_dtype``; Hessians accumulate in ``hessian_dtype``. ``dense=True`` writes
+    W_S + U Vᵀ into the original layers instead of swapping in SparseLowRankLinear. With ``out_dir``, every finished
     block is checkpointed and re-running the same call resumes; the report, its plot and
     the compressed model are written there. ``engine_options`` go to ``decompose_group``.
     """
@@ -116,10 +118,10 @@ def compress(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     config = _run_config(model, plan, calibration, pattern, rank, method, iterations, overrides, skip, seed,
-                         batch_size, true_sequential, dense, activation_dtype, engine_options)
+                         batch_size, true_sequential, dense, (activation_dtype, hessian_dtype), engine_options)
     options = PipelineOptions(batch_size=batch_size, true_sequential=true_sequential, write_modules=not dense,
-                              activation_dtype=activation_dtype, seed=seed, engine_options=dict(engine_options),
-                              progress=progress)
+                              activation_dtype=activation_dtype, hessian_dtype=hessian_dtype, seed=seed,
+                              engine_options=dict(engine_options), progress=progress)
     store = ResumeStore(out_dir, config) if out_dir is not None else None
     timer = StageTimer()
     was_training = model.training
@@ -140,7 +142,7 @@ def compress(
 
 
 def _run_config(model, plan, calibration, pattern, rank, method, iterations, overrides, skip, seed, batch_size,
-                true_sequential, dense, activation_dtype, engine_options) -> dict[str, Any]:
+                true_sequential, dense, dtypes, engine_options) -> dict[str, Any]:
     """Everything that changes the result (not the device): hashed to guard resumes."""
     hf_config = getattr(model, "config", None)
     embeddings = model.get_input_embeddings().weight
@@ -152,7 +154,7 @@ def _run_config(model, plan, calibration, pattern, rank, method, iterations, ove
         "pattern": str(SparsityPattern.parse(pattern)), "rank": policy_text(as_rank_policy(rank)), "method": method,
         "iterations": iterations, "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
         "skip": list(skip), "seed": seed, "batch_size": batch_size, "true_sequential": true_sequential,
-        "dense": dense, "activation_dtype": str(activation_dtype),
+        "dense": dense, "activation_dtype": str(dtypes[0]), "hessian_dtype": str(dtypes[1]),
         "engine_options": {k: repr(v) for k, v in sorted(engine_options.items())},
     }
 
