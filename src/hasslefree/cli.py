@@ -27,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
+    if args.quiet:
+        _quiet_transformers()
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:
@@ -35,6 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("hasslefree: interrupted\n")
         return 130
+
+
+def _quiet_transformers() -> None:
+    """No loading progress bars or notices from transformers under --quiet."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:
