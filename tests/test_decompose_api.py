@@ -83,3 +83,21 @@ def test_group_shares_one_hessian_and_matches_separate_calls():
     torch.testing.assert_close(group["k"].to_dense(), alone.to_dense())
     with pytest.raises(ValueError, match="bad: Hessian is 16x16 but the weight has 10 inputs"):
         hf.decompose_group({"ok": weight, "bad": torch.randn(4, 10)}, hessian, pattern="2:4", rank=2)
+
+
+@pytest.mark.parametrize("method,pattern", [("hassle-free-exact", "2:4"), ("hassle-free", "3:8"),
+                                            ("oats", "row:0.5"), ("sparsegpt", "2:4")])
+def test_stacked_group_gives_the_same_masks_and_factors_as_separate_solves(method, pattern):
+    weight, hessian = correlated_problem(24, 32, seed=4)
+    gen = torch.Generator().manual_seed(9)
+    weights = {"q": weight, "k": torch.randn(8, 32, generator=gen, dtype=torch.float64),
+               "v": torch.randn(8, 32, generator=gen, dtype=torch.float64)}
+    rank = 0 if hf.PRESETS[method].prunes_only else 3
+    kwargs = dict(pattern=pattern, rank=rank, method=method, iterations=6, dtype=torch.float64)
+    stacked = hf.decompose_group(weights, hessian, stack=True, **kwargs)
+    for name, w in weights.items():
+        alone = hf.decompose_layer(w, hessian, **kwargs)
+        assert torch.equal(stacked[name].sparse != 0, alone.sparse != 0)
+        torch.testing.assert_close(stacked[name].sparse, alone.sparse, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(stacked[name].U @ stacked[name].V.T, alone.U @ alone.V.T, rtol=1e-8, atol=1e-9)
+        assert stacked[name].history == pytest.approx(alone.history, rel=1e-9)

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from hasslefree.alternating import alternate
+from hasslefree.alternating import alternate_many
 from hasslefree.hessian import PreparedHessian, prepare_hessian
 from hasslefree.lowrank import LOWRANK_SOLVERS
 from hasslefree.objective import layer_objective
@@ -87,39 +87,21 @@ def decompose_layer(
 
     ``hessian`` is XᵀX (in x in) of the layer's inputs (any positive scale; a running mean
     is typical), or a :class:`PreparedHessian` shared by layers with the same input (then
-    ``percdamp``/``coordinate_damp``/``dtype`` of that preparation apply). ``method`` names a preset (see :data:`hasslefree.presets.PRESETS`);
-    ``sparse_solver``/``lowrank_solver``/``start`` override its parts, so any P1 can be
-    combined with any P2. Every argument is checked before any work is done.
+    ``percdamp``/``coordinate_damp``/``dtype`` of that preparation apply). ``method`` names
+    a preset (see :data:`hasslefree.presets.PRESETS`); ``sparse_solver``/``lowrank_solver``/
+    ``start`` override its parts, so any P1 can be combined with any P2. Every argument is
+    checked before any work is done.
     """
-    raw_hessian = hessian.raw if isinstance(hessian, PreparedHessian) else hessian
-    pattern, rank_value, method_spec = _validate(weight, raw_hessian, pattern, rank, method, iterations,
-                                                 sparse_solver, lowrank_solver, start, name)
-    sparse_name = sparse_solver or method_spec.sparse
-    lowrank_name = lowrank_solver or method_spec.lowrank
+    settings = dict(pattern=pattern, rank=rank, method=method, iterations=iterations, seed=seed,
+                    sparse_solver=sparse_solver, lowrank_solver=lowrank_solver, start=start,
+                    tolerance=tolerance, patience=patience, sparse_options=sparse_options,
+                    lowrank_options=lowrank_options)
+    raw = hessian.raw if isinstance(hessian, PreparedHessian) else hessian
+    _validate(weight, raw, pattern, rank, method, iterations, sparse_solver, lowrank_solver, start, name)
     began = time.perf_counter()
     prepared = (hessian if isinstance(hessian, PreparedHessian) else
                 prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype))
-    target = weight.to(prepared.raw.dtype).clone()
-    target[:, prepared.dead] = 0  # inputs that never fire: their columns cannot matter
-    generator = torch.Generator().manual_seed(seed)
-    result = alternate(
-        target, prepared, pattern, rank_value,
-        prune=SPARSE_SOLVERS[sparse_name],
-        lowrank=LOWRANK_SOLVERS[lowrank_name] if lowrank_name else None,
-        iterations=iterations or method_spec.iterations,
-        start=start or method_spec.start,
-        tolerance=tolerance, patience=patience, generator=generator,
-        prune_options={**method_spec.sparse_options, **(sparse_options or {})},
-        lowrank_options={**method_spec.lowrank_options, **(lowrank_options or {})},
-    )
-    seconds = time.perf_counter() - began
-    initial = layer_objective(target, torch.zeros_like(target), prepared.raw)
-    logger.debug("%s: %s %s rank %d, f/f0 %.4g in %d iterations (%.2fs)", name, method, pattern,
-                 rank_value, result.history[result.best_iteration - 1] / max(initial, 1e-30),
-                 len(result.history), seconds)
-    return Decomposition(weight=target, sparse=result.sparse, U=result.U, V=result.V,
-                         pattern=pattern, method=method, history=result.history, seconds=seconds,
-                         best_iteration=result.best_iteration, initial_objective=initial)
+    return _run({name: weight}, prepared, settings, stack=False, began=began)[name]
 
 
 def decompose_group(
@@ -129,21 +111,80 @@ def decompose_group(
     percdamp: float = 0.01,
     coordinate_damp: float = 0.0,
     dtype: torch.dtype = torch.float32,
+    stack: bool = True,
     **options,
 ) -> dict[str, Decomposition]:
     """Decompose layers that read the same input (q/k/v, gate/up) with one shared H.
 
     H is prepared (damped, factored, inverted) once for the whole group; ``options`` are
     those of :func:`decompose_layer` and apply to every layer. All layers are validated
-    before any is decomposed.
+    before any is decomposed. With ``stack`` and a row-separable P1 (SparseGPT, Wanda or
+    magnitude with an N:M or per-row pattern) the layers run in lockstep with their P1
+    targets stacked into one call: the same result as separate calls, less overhead. The
+    group's wall time is then shared among its layers in proportion to their rows.
     """
+    settings = {key: options.get(key, default) for key, default in _DEFAULTS.items()}
     for name, weight in weights.items():
-        _validate(weight, hessian, options.get("pattern", "2:4"), options.get("rank", 64),
-                  options.get("method", "hassle-free"), options.get("iterations"),
-                  options.get("sparse_solver"), options.get("lowrank_solver"), options.get("start"), name)
+        _validate(weight, hessian, settings["pattern"], settings["rank"], settings["method"],
+                  settings["iterations"], settings["sparse_solver"], settings["lowrank_solver"],
+                  settings["start"], name)
+    began = time.perf_counter()
     prepared = prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype)
-    return {name: decompose_layer(weight, prepared, name=name, **options)
-            for name, weight in weights.items()}
+    return _run(dict(weights), prepared, settings, stack=stack, began=began)
+
+
+_DEFAULTS = dict(pattern="2:4", rank=64, method="hassle-free", iterations=None, seed=0,
+                 sparse_solver=None, lowrank_solver=None, start=None, tolerance=0.0, patience=5,
+                 sparse_options=None, lowrank_options=None)
+_ROW_SEPARABLE = {"magnitude", "wanda", "sparsegpt"}
+
+
+def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: dict, *,
+         stack: bool, began: float) -> dict[str, Decomposition]:
+    """Solve already-validated layers that share ``prepared``; stack P1 when it is exact."""
+    spec = get_method(settings["method"])
+    sparse_name = settings["sparse_solver"] or spec.sparse
+    lowrank_name = settings["lowrank_solver"] or spec.lowrank
+    base_pattern = SparsityPattern.parse(settings["pattern"])
+    policy = settings["rank"] if isinstance(settings["rank"], RankPolicy) else RankPolicy.fixed(int(settings["rank"]))
+    targets, ranks, patterns = [], [], []
+    for weight in weights.values():
+        target = weight.to(prepared.raw.dtype).clone()
+        target[:, prepared.dead] = 0  # inputs that never fire: their columns cannot matter
+        rank, pattern = policy.resolve(base_pattern, *target.shape)
+        targets.append(target)
+        ranks.append(rank)
+        patterns.append(pattern)
+    separable = sparse_name in _ROW_SEPARABLE and base_pattern.kind in {"nm", "row", "dense"}
+    groups = [list(range(len(targets)))] if stack and separable else [[i] for i in range(len(targets))]
+    results: dict[int, object] = {}
+    for members in groups:
+        loop = alternate_many(
+            [targets[i] for i in members], prepared, patterns[members[0]], [ranks[i] for i in members],
+            prune=SPARSE_SOLVERS[sparse_name],
+            lowrank=LOWRANK_SOLVERS[lowrank_name] if lowrank_name else None,
+            iterations=settings["iterations"] or spec.iterations,
+            start=settings["start"] or spec.start,
+            tolerance=settings["tolerance"], patience=settings["patience"],
+            generators=[torch.Generator().manual_seed(settings["seed"]) for _ in members],
+            prune_options={**spec.sparse_options, **(settings["sparse_options"] or {})},
+            lowrank_options={**spec.lowrank_options, **(settings["lowrank_options"] or {})},
+            stack=len(members) > 1,
+        )
+        results.update(zip(members, loop))
+    seconds = time.perf_counter() - began
+    total_rows = sum(t.shape[0] for t in targets)
+    out = {}
+    for i, name in enumerate(weights):
+        result = results[i]
+        initial = layer_objective(targets[i], torch.zeros_like(targets[i]), prepared.raw)
+        logger.debug("%s: %s %s rank %d, f/f0 %.4g in %d iterations", name, settings["method"],
+                     patterns[i], ranks[i], min(result.history) / max(initial, 1e-30), len(result.history))
+        out[name] = Decomposition(weight=targets[i], sparse=result.sparse, U=result.U, V=result.V,
+                                  pattern=patterns[i], method=settings["method"], history=result.history,
+                                  seconds=seconds * targets[i].shape[0] / total_rows,
+                                  best_iteration=result.best_iteration, initial_objective=initial)
+    return out
 
 
 def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver, lowrank_solver,
