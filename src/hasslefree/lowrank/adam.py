@@ -26,16 +26,19 @@ def adam_lowrank(
     scaled: bool = True,
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``steps`` Adam steps from ``warm`` with the paper's rate η / (iteration + 10).
+    """``steps`` Adam steps from ``warm`` with the paper's rate η / (iteration + 9).
 
-    Without a warm start U is Gaussian and V zero, as in the reference implementation
-    (so the first alternating iteration is plain pruning).
+    The rate matches the reference implementation, which counts iterations from 0
+    (η/10 in the first). Without a warm start the factors start as a LoRA adapter does in
+    that implementation: U = 0 and V uniform in ±sqrt(16/r)/sqrt(in) (Kaiming-uniform,
+    alpha 16), so U Vᵀ = 0 and the first alternating iteration is plain pruning.
     """
     dtype = target.dtype
     h = hessian.damped.to(dtype)
     if warm is None:
-        u = torch.randn(target.shape[0], rank, generator=generator, dtype=dtype, device="cpu").to(target.device)
-        v = torch.zeros(target.shape[1], rank, dtype=dtype, device=target.device)
+        bound = (16.0 / rank) ** 0.5 / target.shape[1] ** 0.5
+        v = (torch.rand(target.shape[1], rank, generator=generator, dtype=dtype) * 2 - 1).to(target.device) * bound
+        u = torch.zeros(target.shape[0], rank, dtype=dtype, device=target.device)
     else:
         u, v = warm[0].to(dtype).clone(), warm[1].to(dtype).clone()
     scale = None
@@ -47,7 +50,7 @@ def adam_lowrank(
         v = v * scale.unsqueeze(1)
     u_param = torch.nn.Parameter(u)
     v_param = torch.nn.Parameter(v)
-    optimizer = torch.optim.Adam([u_param, v_param], lr=lr / (iteration + 10))
+    optimizer = torch.optim.Adam([u_param, v_param], lr=lr / (iteration + 9))
     goal_h = goal @ h
     with torch.no_grad():
         for _ in range(steps):
