@@ -5,7 +5,7 @@ unstructured) and rank(U Vᵀ) ≤ r, minimising the layer's output error on cal
 tr((W − Ŵ) H (W − Ŵ)ᵀ) with H = XᵀX.
 """
 
-from hasslefree.decompose import Decomposition, decompose_group, decompose_layer
+from hasslefree.decompose import Decomposition, decompose_group, decompose_layer, resolve_layer
 from hasslefree.hessian import HessianAccumulator, PreparedHessian, prepare_hessian
 from hasslefree.objective import layer_objective
 from hasslefree.patterns import SparsityPattern
@@ -26,5 +26,6 @@ __all__ = [
     "layer_objective",
     "parameter_count",
     "prepare_hessian",
+    "resolve_layer",
     "__version__",
 ]

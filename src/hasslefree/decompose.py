@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -187,10 +186,38 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
     return out
 
 
+def resolve_layer(out_features: int, in_features: int, pattern: str | SparsityPattern,
+                  rank: int | RankPolicy, method: str, *, lowrank_solver: str | None = None,
+                  name: str = "layer") -> tuple[int, SparsityPattern]:
+    """Check a layer's settings from its shape alone; return its rank and final pattern.
+
+    The checks every caller needs before work starts (a whole-model plan runs them on all
+    layers first): the method exists, the pattern fits the width, the rank policy resolves
+    to a rank within min(out, in), and pruning-only methods get rank 0. Messages start
+    with ``name``.
+    """
+    method_spec = get_method(method)
+    try:
+        pattern = SparsityPattern.parse(pattern)
+        pattern.validate_shape(out_features, in_features, name)
+        policy = rank if isinstance(rank, RankPolicy) else RankPolicy.fixed(int(rank))
+        rank_value, pattern = policy.resolve(pattern, out_features, in_features)
+    except ValueError as exc:
+        raise ValueError(str(exc) if str(exc).startswith(name) else f"{name}: {exc}") from None
+    if rank_value > min(out_features, in_features):
+        raise ValueError(f"{name}: rank {rank_value} exceeds min(out, in) = "
+                         f"{min(out_features, in_features)}")
+    if (lowrank_solver or method_spec.lowrank) is None and rank_value > 0:
+        raise ValueError(f"{name}: method {method!r} prunes only, but rank {rank_value} was asked "
+                         "for; pass rank 0 or choose a sparse + low-rank method such as "
+                         "'hassle-free' or 'oats'")
+    return rank_value, pattern
+
+
 def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver, lowrank_solver,
               start, name):
     """All argument checks, so bad input fails with a clear message before any work."""
-    method_spec = get_method(method)
+    get_method(method)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(f"{name}: weight must be a 2-D tensor (out x in)")
     if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
@@ -204,23 +231,15 @@ def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver,
         raise ValueError(f"{name}: weight contains NaN or Inf")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError(f"{name}: Hessian contains NaN or Inf")
-    pattern = SparsityPattern.parse(pattern)
-    pattern.validate_shape(out_features, in_features, name)
-    policy = rank if isinstance(rank, RankPolicy) else RankPolicy.fixed(int(rank))
-    rank_value, pattern = policy.resolve(pattern, out_features, in_features)
-    if rank_value > min(out_features, in_features):
-        raise ValueError(f"{name}: rank {rank_value} exceeds min(out, in) = "
-                         f"{min(out_features, in_features)}")
     if sparse_solver is not None and sparse_solver not in SPARSE_SOLVERS:
         raise ValueError(f"unknown sparse solver {sparse_solver!r}; choose one of {', '.join(SPARSE_SOLVERS)}")
     if lowrank_solver is not None and lowrank_solver not in LOWRANK_SOLVERS:
         raise ValueError(f"unknown low-rank solver {lowrank_solver!r}; choose one of "
                          f"{', '.join(LOWRANK_SOLVERS)}")
-    if (lowrank_solver or method_spec.lowrank) is None and rank_value > 0:
-        raise ValueError(f"method {method!r} prunes only: pass rank=0, or choose a sparse + low-rank "
-                         "method such as 'hassle-free' or 'oats'")
+    rank_value, pattern = resolve_layer(out_features, in_features, pattern, rank, method,
+                                        lowrank_solver=lowrank_solver, name=name)
     if start is not None and start not in {"sparse", "lowrank"}:
         raise ValueError(f"start must be 'sparse' or 'lowrank', got {start!r}")
     if iterations is not None and iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    return pattern, rank_value, dataclasses.replace(method_spec)
+    return pattern, rank_value
