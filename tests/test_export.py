@@ -164,3 +164,28 @@ def test_peft_scaling_is_one() -> None:
     assert cfg.rank_pattern == {re.escape("b.v"): 16} == cfg.alpha_pattern
     x, U, V = torch.randn(3, 5), torch.randn(4, 2), torch.randn(5, 2)
     torch.testing.assert_close(F.linear(F.linear(x, V.T), U) * (2 / 2), x @ (U @ V.T).T)
+
+
+def test_gpt2_exports_keep_conv1d_layout(tmp_path: Path) -> None:
+    """GPT-2 stores Conv1D weights (in x out): both exports must load in plain transformers/peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_model, token_batch
+    from hasslefree.pipeline import compress
+
+    model = tiny_model("gpt2", n_layer=1)
+    compress(model, calibration=token_batch(4, 16), pattern="2:4", rank=4, method="hassle-free-exact",
+             iterations=2, progress=False)
+    ids = token_batch(2, 12, seed=3)
+    with torch.no_grad():
+        expected = model(ids).logits
+    export_dense(model, tmp_path / "dense")
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()(ids).logits
+    torch.testing.assert_close(dense, expected, **TOL)
+    export_peft(model, tmp_path / "peft")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()(ids).logits
+    torch.testing.assert_close(peft_logits, expected, **TOL)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
+import torch
 from torch import Tensor, nn
 
 from hasslefree.checkpoint.files import read_checkpoint_config
@@ -45,14 +46,41 @@ def _resolve(directory_or_model: Source) -> tuple[nn.Module, Path | None]:
     return load_compressed(directory), directory
 
 
-def _plain_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An nn.Linear that adopts the given tensors (no copy, no random init)."""
+def _plain_linear(weight: Tensor, bias: Tensor | None, conv1d: bool = False) -> nn.Module:
+    """An nn.Linear (or transformers' Conv1D, weight stored in x out) adopting the tensors."""
     out_f, in_f = weight.shape
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            lin = Conv1D(out_f, in_f)
+        lin.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+        lin.bias = nn.Parameter(bias.detach() if bias is not None else weight.new_zeros(out_f),
+                                requires_grad=False)
+        return lin
     lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
     lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return lin
+
+
+def _conv1d_names(model: nn.Module) -> set[str]:
+    """Layers that are transformers' Conv1D in the model's own architecture (GPT-2).
+
+    Exports must write those back Conv1D-shaped (in x out), or plain ``from_pretrained``
+    refuses them (or, for square ones, silently loads them transposed). The original types
+    come from a weightless skeleton built from the model's config.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return set()
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return {name for name, module in skeleton.named_modules() if isinstance(module, Conv1D)}
 
 
 def _compressed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -80,17 +108,21 @@ def _swapped(model: nn.Module, make: Callable[[str, nn.Module], nn.Module]) -> I
             replace_linear(model, name, module)
 
 
-def _merged_linear(name: str, module: nn.Module) -> nn.Module:
-    if not hasattr(module, "to_dense"):
-        raise TypeError(f"{name}: {type(module).__name__} has no to_dense(); cannot export it densely")
-    return _plain_linear(module.to_dense(), getattr(module, "bias", None))
+def _merged_linear(conv1d: set[str]) -> Callable[[str, nn.Module], nn.Module]:
+    def make(name: str, module: nn.Module) -> nn.Module:
+        if not hasattr(module, "to_dense"):
+            raise TypeError(f"{name}: {type(module).__name__} has no to_dense(); cannot export it densely")
+        return _plain_linear(module.to_dense(), getattr(module, "bias", None), name in conv1d)
+    return make
 
 
-def _sparse_base_linear(name: str, module: nn.Module) -> nn.Module:
-    if isinstance(module, SparseLowRankLinear):
-        return _plain_linear(module.sparse_weight, module.bias)
-    logger.info("%s: %s has no LoRA form; exporting it merged into the base", name, type(module).__name__)
-    return _merged_linear(name, module)
+def _sparse_base_linear(conv1d: set[str]) -> Callable[[str, nn.Module], nn.Module]:
+    def make(name: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, SparseLowRankLinear):
+            return _plain_linear(module.sparse_weight, module.bias, name in conv1d)
+        logger.info("%s: %s has no LoRA form; exporting it merged into the base", name, type(module).__name__)
+        return _merged_linear(conv1d)(name, module)
+    return make
 
 
 def _copy_tokenizer(directory: Path | None, out_dir: Path, tokenizer: Any) -> None:
@@ -110,15 +142,18 @@ def export_dense(directory_or_model: Source, out_dir: str | os.PathLike[str], to
     model, directory = _resolve(directory_or_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _swapped(model, _merged_linear) as layers:
+    with _swapped(model, _merged_linear(_conv1d_names(model))) as layers:
         model.save_pretrained(str(out_dir))
     _copy_tokenizer(directory, out_dir, tokenizer)
     logger.info("exported %d merged layers densely to %s", len(layers), out_dir)
     return out_dir
 
 
-def lora_config_for(ranks: dict[str, int], base_path: str) -> Any:
-    """LoraConfig reproducing U Vᵀ exactly: alpha = r per layer, patterns only where ranks differ."""
+def lora_config_for(ranks: dict[str, int], base_path: str, fan_in_fan_out: bool = False) -> Any:
+    """LoraConfig reproducing U Vᵀ exactly: alpha = r per layer, patterns only where ranks differ.
+
+    ``fan_in_fan_out`` marks Conv1D targets (GPT-2), whose base weight is stored in x out.
+    """
     from peft import LoraConfig
 
     default = Counter(ranks.values()).most_common(1)[0][0]
@@ -133,6 +168,7 @@ def lora_config_for(ranks: dict[str, int], base_path: str) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_path,
+        fan_in_fan_out=fan_in_fan_out,
     )
 
 
@@ -145,7 +181,8 @@ def export_peft(directory_or_model: Source, out_dir: str | os.PathLike[str], tok
     model, directory = _resolve(directory_or_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _swapped(model, _sparse_base_linear) as layers:
+    conv1d = _conv1d_names(model)
+    with _swapped(model, _sparse_base_linear(conv1d)) as layers:
         model.save_pretrained(str(out_dir))
     _copy_tokenizer(directory, out_dir, tokenizer)
     lora = {n: m for n, m in layers if isinstance(m, SparseLowRankLinear) and m.rank > 0}
@@ -154,7 +191,8 @@ def export_peft(directory_or_model: Source, out_dir: str | os.PathLike[str], tok
         return out_dir
     adapter_dir = out_dir / ADAPTER_DIR
     adapter_dir.mkdir(exist_ok=True)
-    config = lora_config_for({n: m.rank for n, m in lora.items()}, str(out_dir))
+    config = lora_config_for({n: m.rank for n, m in lora.items()}, str(out_dir),
+                             fan_in_fan_out=bool(conv1d & set(lora)))
     config.save_pretrained(str(adapter_dir))
     tensors: dict[str, Tensor] = {}
     for name, m in lora.items():
