@@ -11,6 +11,7 @@ result as separate calls with a fraction of the per-column overhead.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,6 +34,7 @@ class LoopResult:
     V: torch.Tensor
     history: list[float] = field(default_factory=list)
     best_iteration: int = 0
+    timeline: list[float] = field(default_factory=list)
 
 
 def alternate_many(
@@ -73,6 +75,7 @@ def alternate_many(
         return [LoopResult(s, w.new_zeros(w.shape[0], 0), w.new_zeros(w.shape[1], 0),
                            [residual_objective(w - s, h)], 1) for w, s in zip(weights, sparse)]
 
+    began = time.perf_counter()
     states = [_LayerState(w, r, g, f) for w, r, g, f in
               zip(weights, ranks, generators, warm or [None] * len(weights))]
     for iteration in range(1, iterations + 1):
@@ -89,6 +92,7 @@ def alternate_many(
         for st in active:
             st.record(residual_objective(st.weight - st.sparse - _product(st.factors, st.weight), h),
                       iteration, tolerance, patience)
+            st.timeline.append(time.perf_counter() - began)
     return [st.best for st in states]
 
 
@@ -99,6 +103,7 @@ class _LayerState:
         self.weight, self.rank, self.generator, self.factors = weight, rank, generator, factors
         self.sparse = torch.zeros_like(weight)
         self.history: list[float] = []
+        self.timeline: list[float] = []
         self.best: LoopResult | None = None
         self.best_value = float("inf")
         self.stopped = False
@@ -107,7 +112,8 @@ class _LayerState:
         self.history.append(value)
         if self.best is None or value < self.best_value:
             self.best_value = value
-            self.best = LoopResult(self.sparse, self.factors[0], self.factors[1], self.history, iteration)
+            self.best = LoopResult(self.sparse, self.factors[0], self.factors[1], self.history, iteration,
+                                   self.timeline)
         if tolerance > 0 and len(self.history) > patience:
             reference = min(self.history[:-patience])
             if reference - min(self.history[-patience:]) <= tolerance * reference:

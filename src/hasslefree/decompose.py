@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -35,6 +35,7 @@ class Decomposition:
     seconds: float
     best_iteration: int
     initial_objective: float
+    timeline: list[float] = field(default_factory=list)  # loop seconds at each iteration's end
 
     @property
     def rank(self) -> int:
@@ -182,7 +183,8 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
         out[name] = Decomposition(weight=targets[i], sparse=result.sparse, U=result.U, V=result.V,
                                   pattern=patterns[i], method=settings["method"], history=result.history,
                                   seconds=seconds * targets[i].shape[0] / total_rows,
-                                  best_iteration=result.best_iteration, initial_objective=initial)
+                                  best_iteration=result.best_iteration, initial_objective=initial,
+                                  timeline=result.timeline)
     return out
 
 
