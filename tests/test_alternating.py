@@ -105,3 +105,11 @@ def test_exact_preset_does_not_stall_when_low_rank_carries_the_layer():
     oats = run("oats")
     assert run("hassle-free-exact", start="sparse") > 100 * oats  # the stall is real
     assert run("hassle-free-exact") <= oats
+
+
+def test_fast_preset_stops_early_near_the_exact_result():
+    weight, hessian = correlated_problem(40, 64, seed=8)
+    fast = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-fast", iterations=200)
+    full = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", iterations=200, tolerance=0.0)
+    assert fast.iterations < 200 and full.iterations == 200
+    assert fast.relative_objective(hessian) <= full.relative_objective(hessian) * 1.05

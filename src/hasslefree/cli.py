@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--percdamp", type=float, help="Hessian damping as a fraction of mean(diag H)")
+    c.add_argument("--tolerance", type=float,
+                   help="stop a layer's iterations once its objective improves by less than this "
+                        "fraction over 5 iterations (default: the method's; 0 runs them all)")
     c.add_argument("--override", action="append", default=[], metavar="REGEX=key:value,...",
                    help="per-layer settings, e.g. 'mlp.down_proj=rank:32,pattern:4:8' (keys: pattern, rank, "
                         "method, iterations, skip)")
@@ -167,7 +170,8 @@ def _compress(args: argparse.Namespace) -> int:
     from hasslefree.presets import get_method
     from hasslefree.pipeline import DEFAULT_SKIP, ResumeMismatch, check_calibration, compress, prepare
 
-    engine = {"percdamp": args.percdamp} if args.percdamp is not None else {}
+    engine = {key: value for key, value in (("percdamp", args.percdamp), ("tolerance", args.tolerance))
+              if value is not None}
     skip = (*DEFAULT_SKIP, *args.skip)
     try:
         overrides = parse_overrides(args.override)

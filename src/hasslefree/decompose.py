@@ -74,7 +74,7 @@ def decompose_layer(
     sparse_solver: str | None = None,
     lowrank_solver: str | None = None,
     start: str | None = None,
-    tolerance: float = 0.0,
+    tolerance: float | None = None,
     patience: int = 5,
     percdamp: float = 0.01,
     coordinate_damp: float = 0.0,
@@ -89,8 +89,9 @@ def decompose_layer(
     is typical), or a :class:`PreparedHessian` shared by layers with the same input (then
     ``percdamp``/``coordinate_damp``/``dtype`` of that preparation apply). ``method`` names
     a preset (see :data:`hasslefree.presets.PRESETS`); ``sparse_solver``/``lowrank_solver``/
-    ``start`` override its parts, so any P1 can be combined with any P2. Every argument is
-    checked before any work is done.
+    ``start`` override its parts, so any P1 can be combined with any P2. ``tolerance``
+    (default: the method's) stops early once the best objective improves by less than that
+    fraction over ``patience`` iterations. Every argument is checked before any work is done.
     """
     settings = dict(pattern=pattern, rank=rank, method=method, iterations=iterations, seed=seed,
                     sparse_solver=sparse_solver, lowrank_solver=lowrank_solver, start=start,
@@ -134,7 +135,7 @@ def decompose_group(
 
 
 _DEFAULTS = dict(pattern="2:4", rank=64, method="hassle-free", iterations=None, seed=0,
-                 sparse_solver=None, lowrank_solver=None, start=None, tolerance=0.0, patience=5,
+                 sparse_solver=None, lowrank_solver=None, start=None, tolerance=None, patience=5,
                  sparse_options=None, lowrank_options=None)
 _ROW_SEPARABLE = {"magnitude", "wanda", "sparsegpt"}
 
@@ -165,7 +166,8 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
             lowrank=LOWRANK_SOLVERS[lowrank_name] if lowrank_name else None,
             iterations=settings["iterations"] or spec.iterations,
             start=settings["start"] or spec.start,
-            tolerance=settings["tolerance"], patience=settings["patience"],
+            tolerance=spec.tolerance if settings["tolerance"] is None else settings["tolerance"],
+            patience=settings["patience"],
             generators=[torch.Generator().manual_seed(settings["seed"]) for _ in members],
             prune_options={**spec.sparse_options, **(settings["sparse_options"] or {})},
             lowrank_options={**spec.lowrank_options, **(settings["lowrank_options"] or {})},
