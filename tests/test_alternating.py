@@ -107,9 +107,19 @@ def test_exact_preset_does_not_stall_when_low_rank_carries_the_layer():
     assert run("hassle-free-exact") <= oats
 
 
-def test_fast_preset_stops_early_near_the_exact_result():
+def test_fast_preset_tracks_the_exact_preset():
     weight, hessian = correlated_problem(40, 64, seed=8)
-    fast = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-fast", iterations=200)
-    full = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", iterations=200, tolerance=0.0)
-    assert fast.iterations < 200 and full.iterations == 200
-    assert fast.relative_objective(hessian) <= full.relative_objective(hessian) * 1.05
+    fast = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-fast", iterations=40)
+    exact = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", iterations=40)
+    assert fast.relative_objective(hessian) <= exact.relative_objective(hessian) * 1.05
+
+
+def test_early_stop_trades_iterations_for_objective():
+    """Improvement comes in steps (the support changes now and then): a short patience stops
+    on a plateau. The iterations it saves and the objective it costs are both reported."""
+    weight, hessian = correlated_problem(40, 64, seed=8)
+    early = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", iterations=200,
+                               tolerance=1e-3, patience=5)
+    full = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", iterations=200)
+    assert early.iterations < full.iterations == 200
+    assert early.history == full.history[: early.iterations]
