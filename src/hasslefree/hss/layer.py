@@ -88,7 +88,13 @@ class HSSLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def sparse_weight(self) -> Tensor:
-        """S as a torch sparse CSR tensor (original index order)."""
+        """S as a torch sparse tensor (original index order): CSR, or COO for float16/bfloat16
+        on the CPU, whose CSR product kernels lack those types."""
+        if self.s_values.device.type == "cpu" and self.s_values.dtype in (torch.float16, torch.bfloat16):
+            rows = torch.repeat_interleave(torch.arange(self.out_features), self.s_crow.diff())
+            # CSR order is row-major with unique entries: already coalesced.
+            return torch.sparse_coo_tensor(torch.stack([rows, self.s_col]), self.s_values, self.shape,
+                                           is_coalesced=True, check_invariants=False)
         return _csr(self.s_crow, self.s_col, self.s_values, self.shape)
 
     def forward(self, x: Tensor) -> Tensor:
