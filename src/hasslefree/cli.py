@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--rank", type=int, help="fixed rank per layer (default 64; 0 for pruning methods)")
     budget.add_argument("--rho", type=float, help="compression ratio: rank from the budget left by the N:M part")
     c.add_argument("--kappa", type=float, help="rank ratio for unstructured sparsity (needs --rho)")
-    c.add_argument("--method", default="hassle-free", help="a preset (see hasslefree.PRESETS)")
+    c.add_argument("--method", default="hassle-free",
+                   help="a preset (see hasslefree.PRESETS) or an HSS method: shss, shss-rcm, shss-whitened, "
+                        "shss-rcm-whitened (these target only q/k/v unless overrides say otherwise)")
     c.add_argument("--iterations", type=int, help="alternating iterations (default: the method's)")
     c.add_argument("--calib", default="c4", help="calibration dataset name or text/jsonl/parquet file")
     c.add_argument("--nsamples", type=int, default=128)
@@ -80,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer settings, e.g. 'mlp.down_proj=rank:32,pattern:4:8' (keys: pattern, rank, "
                         "method, iterations, skip)")
     c.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching layers dense")
+    h = c.add_argument_group("HSS methods", "sparse S plus a hierarchical low-rank matrix (hasslefree.hss)")
+    h.add_argument("--sparsity", type=float, help="fraction of the weights kept in S (default 0.3)")
+    hss_size = h.add_mutually_exclusive_group()
+    hss_size.add_argument("--outer-rank", type=int, help="rank of the root off-diagonal blocks (default 512)")
+    hss_size.add_argument("--hss-budget", type=float, metavar="FRACTION",
+                          help="stored values per layer as a fraction of the dense layer's; picks the outer rank")
+    h.add_argument("--leaf", type=int, help="largest dense diagonal block (default 256)")
+    h.add_argument("--min-rank", type=int, help="smallest off-diagonal rank (default 16)")
+    h.add_argument("--rank-decay", type=float, help="rank factor per tree level (default 0.5)")
+    h.add_argument("--sweeps", type=int, help="block coordinate-descent sweeps of the data-aware fit (default 1)")
     c.add_argument("--no-modules", action="store_true",
                    help="write the merged dense weights instead of SparseLowRankLinear modules")
     c.add_argument("--no-true-sequential", action="store_true",
@@ -147,6 +159,18 @@ def rank_from_args(args: argparse.Namespace) -> Any:
     return args.rank
 
 
+HSS_FLAGS = {"sparsity": "sparsity", "outer_rank": "outer_rank", "hss_budget": "budget", "leaf": "leaf",
+             "min_rank": "min_rank", "rank_decay": "rank_decay", "sweeps": "sweeps"}
+
+
+def hss_from_args(args: argparse.Namespace) -> Any:
+    """HSSOptions from the HSS flags that were given, or None when none was."""
+    from hasslefree.hss import HSSOptions
+
+    given = {field: getattr(args, flag) for flag, field in HSS_FLAGS.items() if getattr(args, flag) is not None}
+    return HSSOptions.from_value(given) if given else None
+
+
 def _dtype(name: str) -> Any:
     import torch
 
@@ -167,8 +191,8 @@ def _compress(args: argparse.Namespace) -> int:
     from hasslefree.data import calibration_batch, resolve_source
     from hasslefree.evaluate import check_seqlen
     from hasslefree.patterns import SparsityPattern
-    from hasslefree.presets import get_method
     from hasslefree.pipeline import DEFAULT_SKIP, ResumeMismatch, check_calibration, compress, prepare
+    from hasslefree.pipeline.plan import check_method
 
     engine = {key: value for key, value in (("percdamp", args.percdamp), ("tolerance", args.tolerance))
               if value is not None}
@@ -176,7 +200,8 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         overrides = parse_overrides(args.override)
         rank = rank_from_args(args)
-        get_method(args.method)
+        check_method(args.method)
+        hss = hss_from_args(args)
         SparsityPattern.parse(args.pattern)
         device = _device(args.device)
         if args.nsamples < 1 or args.batch_size < 1:
@@ -184,7 +209,7 @@ def _compress(args: argparse.Namespace) -> int:
         resolve_source(args.calib, split="calib")
         model, tokenizer = _load(args.model, args.dtype)
         prepare(model, pattern=args.pattern, rank=rank, method=args.method, iterations=args.iterations,
-                overrides=overrides, skip=skip, engine_options=engine)
+                overrides=overrides, skip=skip, engine_options=engine, hss=hss)
         seqlen = check_seqlen(model, args.seqlen)
         calibration = check_calibration(model, calibration_batch(tokenizer, args.calib, args.nsamples, seqlen,
                                                                  args.seed))
@@ -196,7 +221,7 @@ def _compress(args: argparse.Namespace) -> int:
                               method=args.method, iterations=args.iterations, overrides=overrides, skip=skip,
                               device=device, out_dir=args.out, seed=args.seed, progress=not args.quiet,
                               batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
-                              dense=args.no_modules, model_name=args.model, **engine)
+                              dense=args.no_modules, model_name=args.model, hss=hss, **engine)
     except ResumeMismatch as exc:
         raise UsageError(_one_line(exc)) from None
     sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")

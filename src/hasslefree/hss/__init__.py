@@ -10,6 +10,7 @@ from .construct import VARIANTS, HSSDecomposition, decompose, magnitude_sparse, 
 from .fit import damp_hessian, fit_hss, layer_objective
 from .layer import HSSLinear, compress_linear_hss
 from .matrix import HSSMatrix, hss_partition
+from .options import HSS_METHODS, HSSOptions, is_hss_method
 from . import codec as _codec  # noqa: E402,F401  (registers HSSLinear with the checkpoint format)
 
 __all__ = [
@@ -31,4 +32,7 @@ __all__ = [
     "compress_linear_hss",
     "HSSMatrix",
     "hss_partition",
+    "HSS_METHODS",
+    "HSSOptions",
+    "is_hss_method",
 ]

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from hasslefree.decompose import decompose_group, decompose_layer
+from hasslefree.hss.options import HSSOptions
 from hasslefree.patterns import SparsityPattern
-from hasslefree.presets import get_method
 from hasslefree.rank_policy import RankPolicy
 from hasslefree.perplexity import model_context_length
-from hasslefree.pipeline.plan import DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, policy_text
+from hasslefree.pipeline.plan import (DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, check_method,
+                                      policy_text)
 from hasslefree.pipeline.registry import resolve_architecture
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
@@ -31,9 +32,11 @@ _PIPELINE_SET = {"weight", "weights", "hessian", "pattern", "rank", "method", "i
 def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: int | RankPolicy | None = None,
             method: str = "hassle-free", iterations: int | None = None,
             overrides: Mapping[str, Mapping[str, Any]] | None = None,
-            skip: Sequence[str] = DEFAULT_SKIP, engine_options: Mapping[str, Any] | None = None) -> Plan:
+            skip: Sequence[str] = DEFAULT_SKIP, engine_options: Mapping[str, Any] | None = None,
+            hss: HSSOptions | Mapping[str, Any] | None = None) -> Plan:
     """Check every argument and every targeted layer; return the plan. Does no heavy work."""
-    get_method(method)
+    check_method(method)
+    hss_options = HSSOptions.from_value(hss) if hss is not None else None
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     known = (set(inspect.signature(decompose_layer).parameters) | set(inspect.signature(decompose_group).parameters))
@@ -41,8 +44,17 @@ def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: i
     if unknown:
         raise ValueError(f"unknown engine option(s) {', '.join(sorted(unknown))}; see hasslefree.decompose_layer")
     arch = resolve_architecture(model)
-    defaults = LayerSettings(SparsityPattern.parse(pattern), as_rank_policy(rank), method, iterations)
-    return build_plan(model, arch, defaults, overrides, skip)
+    defaults = LayerSettings(SparsityPattern.parse(pattern), as_rank_policy(rank), method, iterations, hss_options)
+    plan = build_plan(model, arch, defaults, overrides, skip)
+    hss_layers = [t for t in plan.layers if t.settings.is_hss]
+    if hss is not None and not hss_layers:
+        raise ValueError("HSS options were given but no layer uses an HSS method (shss, shss-rcm, ...)")
+    if hss_layers and len(hss_layers) == len(plan.layers):
+        if rank is not None:
+            raise ValueError("rank does not apply to HSS methods: give the HSS outer rank or budget instead")
+        if iterations is not None:
+            raise ValueError("iterations do not apply to HSS methods (the data-aware ones take HSS sweeps)")
+    return plan
 
 
 def check_calibration(model: nn.Module, calibration: torch.Tensor) -> torch.Tensor:
@@ -87,6 +99,7 @@ def compress(
     hessian_dtype: torch.dtype = torch.float32,
     model_name: str | None = None,
     on_block_end: BlockCallback | None = None,
+    hss: HSSOptions | Mapping[str, Any] | None = None,
     **engine_options: Any,
 ) -> CompressionReport:
     """Compress every linear layer of ``model``'s decoder blocks in place; return the report.
@@ -100,9 +113,16 @@ def compress(
     W_S + U Vᵀ into the original layers instead of swapping in SparseLowRankLinear. With ``out_dir``, every finished
     block is checkpointed and re-running the same call resumes; the report, its plot and
     the compressed model are written there. ``engine_options`` go to ``decompose_group``.
+
+    HSS methods (``shss``, ``shss-rcm``, ``shss-whitened``, ``shss-rcm-whitened``) replace a
+    layer by :class:`hasslefree.hss.HSSLinear`, built as ``hss`` (:class:`HSSOptions` or a
+    mapping such as ``{"sparsity": 0.3, "outer_rank": 512, "leaf": 256}``) says; as the run's
+    ``method`` they target only each block's first input group (q/k/v), and through
+    ``overrides`` (``{"q_proj": {"method": "shss-rcm"}}``) any layer. ``percdamp`` in
+    ``engine_options`` also damps the data-aware HSS fit.
     """
     plan = prepare(model, pattern=pattern, rank=rank, method=method, iterations=iterations,
-                   overrides=overrides, skip=skip, engine_options=engine_options)
+                   overrides=overrides, skip=skip, engine_options=engine_options, hss=hss)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if calibration is None:
@@ -119,6 +139,10 @@ def compress(
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     config = _run_config(model, plan, calibration, pattern, rank, method, iterations, overrides, skip, seed,
                          batch_size, true_sequential, dense, (activation_dtype, hessian_dtype), engine_options)
+    if any(t.settings.is_hss for t in plan.layers):  # only then, so earlier runs still resume
+        config["hss"] = HSSOptions.from_value(hss).to_dict()
+        if all(t.settings.is_hss for t in plan.layers):
+            config["pattern"], config["rank"] = "hss", "hss"
     options = PipelineOptions(batch_size=batch_size, true_sequential=true_sequential, write_modules=not dense,
                               activation_dtype=activation_dtype, hessian_dtype=hessian_dtype, seed=seed,
                               engine_options=dict(engine_options), progress=progress)

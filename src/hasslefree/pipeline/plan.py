@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
+from hasslefree.hss.options import HSS_METHODS, HSSOptions, is_hss_method
 from hasslefree.patterns import SparsityPattern
-from hasslefree.presets import get_method
+from hasslefree.presets import PRESETS, get_method
 from hasslefree.rank_policy import RankPolicy
 from hasslefree.pipeline.layers import is_linear_like, layer_shape
 from hasslefree.pipeline.registry import Architecture
@@ -27,14 +28,32 @@ DEFAULT_SKIP = (r"(^|\.)lm_head$", r"(^|\.)embed")
 OVERRIDE_KEYS = frozenset({"pattern", "rank", "method", "iterations", "skip"})
 
 
+def check_method(name: str) -> None:
+    """A sparse + low-rank preset or a sparse + HSS variant; ValueError listing both otherwise."""
+    if is_hss_method(name):
+        return
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)} "
+                         f"or an HSS method: {', '.join(HSS_METHODS)}")
+
+
 @dataclass(frozen=True)
 class LayerSettings:
-    """What one layer is asked for; ``rank`` None means the method's default."""
+    """What one layer is asked for; ``rank`` None means the method's default.
+
+    HSS methods take their settings from ``hss`` (filled in for them, None for the others);
+    ``pattern``, ``rank`` and ``iterations`` do not apply to them.
+    """
 
     pattern: SparsityPattern
     rank: RankPolicy | None
     method: str
     iterations: int | None
+    hss: HSSOptions | None = None
+
+    @property
+    def is_hss(self) -> bool:
+        return is_hss_method(self.method)
 
     def engine_options(self) -> dict[str, Any]:
         return {"pattern": self.pattern, "rank": self.rank_policy(), "method": self.method,
@@ -46,6 +65,8 @@ class LayerSettings:
         return RankPolicy.fixed(0 if get_method(self.method).prunes_only else DEFAULT_RANK)
 
     def describe(self) -> dict[str, Any]:
+        if self.is_hss:
+            return {"method": self.method, "hss": (self.hss or HSSOptions()).to_dict()}
         return {"pattern": str(self.pattern), "rank": policy_text(self.rank_policy()), "method": self.method,
                 "iterations": self.iterations}
 
@@ -103,7 +124,7 @@ def normalise_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> li
         if "rank" in clean:
             clean["rank"] = as_rank_policy(clean["rank"])
         if "method" in clean:
-            get_method(clean["method"])
+            check_method(clean["method"])
         compiled.append((pattern, clean))
     return compiled
 
@@ -111,7 +132,12 @@ def normalise_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> li
 def build_plan(model: nn.Module, arch: Architecture, defaults: LayerSettings,
                overrides: Mapping[str, Mapping[str, Any]] | None = None,
                skip: Sequence[str] = DEFAULT_SKIP) -> Plan:
-    """Resolve every targeted layer's settings and check them all; raise on the first problems."""
+    """Resolve every targeted layer's settings and check them all; raise on the first problems.
+
+    When the run's method is an HSS method, only each block's first shared-input group (the
+    attention input projections: q/k/v, or a fused qkv) is targeted by default, as in the
+    HSS paper; an override with ``skip: False`` brings other layers in.
+    """
     rules = normalise_overrides(overrides)
     skips = [re.compile(s) for s in skip]
     blocks = arch.block_list(model)
@@ -127,7 +153,8 @@ def build_plan(model: nn.Module, arch: Architecture, defaults: LayerSettings,
                 if not is_linear_like(module):
                     problems.append(f"{name}: {type(module).__name__} is not a Linear or Conv1D layer")
                     continue
-                settings, skipped = _settings_for(name, defaults, rules, skips)
+                outside = defaults.is_hss and group_index > 0
+                settings, skipped = _settings_for(name, defaults, rules, skips, outside)
                 if skipped:
                     continue
                 target = _check(name, relative, index, group_index, module, settings, problems)
@@ -146,19 +173,23 @@ def build_plan(model: nn.Module, arch: Architecture, defaults: LayerSettings,
 
 
 def _settings_for(name: str, defaults: LayerSettings, rules: list[tuple[re.Pattern, dict]],
-                  skips: list[re.Pattern]) -> tuple[LayerSettings, bool]:
+                  skips: list[re.Pattern], skip_by_default: bool = False) -> tuple[LayerSettings, bool]:
     values = {"pattern": defaults.pattern, "rank": defaults.rank, "method": defaults.method,
-              "iterations": defaults.iterations, "skip": any(s.search(name) for s in skips)}
+              "iterations": defaults.iterations,
+              "skip": skip_by_default or any(s.search(name) for s in skips)}
     for regex, override in rules:  # later rules win
         if regex.search(name):
             values.update(override)
     skipped = bool(values.pop("skip"))
+    values["hss"] = (defaults.hss or HSSOptions()) if is_hss_method(values["method"]) else None
     return LayerSettings(**values), skipped
 
 
 def _check(name: str, relative: str, block: int, group: int, module: nn.Module, settings: LayerSettings,
            problems: list[str]) -> TargetLayer | None:
     out_features, in_features = layer_shape(module)
+    if settings.is_hss:
+        return _check_hss(name, relative, block, group, out_features, in_features, settings, problems)
     method = get_method(settings.method)
     policy = settings.rank_policy()
     try:
@@ -175,6 +206,21 @@ def _check(name: str, relative: str, block: int, group: int, module: nn.Module, 
         problems.append(f"{name}: rank {rank} exceeds min(out, in) = {min(out_features, in_features)}")
         return None
     return TargetLayer(name, relative, block, group, out_features, in_features, settings, rank, pattern)
+
+
+def _check_hss(name: str, relative: str, block: int, group: int, out_features: int, in_features: int,
+               settings: LayerSettings, problems: list[str]) -> TargetLayer | None:
+    """An HSS layer: its outer rank (from the budget when one is given) and S's exact size."""
+    options = settings.hss or HSSOptions()
+    shape = (out_features, in_features)
+    try:
+        outer_rank = options.outer_rank_for(shape)
+    except ValueError as exc:
+        problems.append(f"{name}: {exc}")
+        return None
+    nonzeros = options.sparse_count(shape)
+    pattern = SparsityPattern("unstructured", density=nonzeros / (out_features * in_features), nonzeros=nonzeros)
+    return TargetLayer(name, relative, block, group, out_features, in_features, settings, outer_rank, pattern)
 
 
 def policy_text(policy: RankPolicy | None) -> str:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hasslefree.nn import replace_linear
+from hasslefree.pipeline.hss_layers import hss_shell
 from hasslefree.pipeline.layers import empty_compressed
 from hasslefree.pipeline.report import LayerRecord, write_json_atomic
 
@@ -120,6 +121,9 @@ class ResumeStore:
             if not info.get("module"):
                 continue
             old = block.get_submodule(relative)
+            if info.get("kind") == "hss":
+                replace_linear(block, relative, hss_shell(state, relative, info["spec"]).to(old.weight.device))
+                continue
             weight = state[f"{relative}.sparse_weight"]
             shell = empty_compressed(info["out_features"], info["in_features"], info["rank"], info["bias"],
                                      info["pattern"], weight.dtype, old.weight.device)

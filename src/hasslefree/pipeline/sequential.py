@@ -24,6 +24,7 @@ from hasslefree.decompose import Decomposition, decompose_group
 from hasslefree.hessian import HessianAccumulator
 from hasslefree.nn import replace_linear
 from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block
+from hasslefree.pipeline.hss_layers import HSSResult, fit_hss_layer
 from hasslefree.pipeline.layers import compressed_module, layer_weight, module_pattern, write_dense
 from hasslefree.pipeline.plan import Plan, TargetLayer
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
@@ -116,16 +117,20 @@ def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLaye
         for target, result in _decompose(block, group, hessian, device, options, timer).items():
             module = block.get_submodule(target.relative)
             with timer.stage("apply"):
-                if options.write_modules:
-                    replace_linear(block, target.relative, compressed_module(module, result, target.pattern))
-                else:
+                if not options.write_modules:
                     write_dense(module, result.to_dense())
+                elif isinstance(result, HSSResult):
+                    replace_linear(block, target.relative, result.module)
+                else:
+                    replace_linear(block, target.relative, compressed_module(module, result, target.pattern))
             records.append(_record(target, result, device))
             meta[target.relative] = {
                 "module": options.write_modules, "out_features": target.out_features,
                 "in_features": target.in_features, "rank": result.rank, "pattern": module_pattern(target.pattern),
                 "bias": getattr(module, "bias", None) is not None,
             }
+            if isinstance(result, HSSResult) and options.write_modules:
+                meta[target.relative].update(result.resume_meta())
             layers.update(1)
         del hessian
     layers.close()
@@ -166,13 +171,19 @@ def _hessians(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...
 
 
 def _decompose(block: nn.Module, group: tuple[TargetLayer, ...], hessian: torch.Tensor, device: torch.device,
-               options: PipelineOptions, timer: StageTimer) -> dict[TargetLayer, Decomposition]:
-    """decompose_group per set of layers in the group that ask for the same settings."""
+               options: PipelineOptions, timer: StageTimer) -> dict[TargetLayer, Decomposition | HSSResult]:
+    """decompose_group per set of layers in the group that ask for the same settings; HSS layers one by one."""
     by_settings: dict[Any, list[TargetLayer]] = {}
     for target in group:
         by_settings.setdefault(target.settings, []).append(target)
-    results: dict[TargetLayer, Decomposition] = {}
+    results: dict[TargetLayer, Decomposition | HSSResult] = {}
     for settings, targets in by_settings.items():
+        if settings.is_hss:
+            percdamp = options.engine_options.get("percdamp", 0.01)
+            with timer.stage("decompose"):
+                for t in targets:
+                    results[t] = fit_hss_layer(block.get_submodule(t.relative), t, hessian, device, percdamp)
+            continue
         weights = {t.name: layer_weight(block.get_submodule(t.relative)).to(device, torch.float32) for t in targets}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
