@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", choices=DTYPES, default="float32")
     e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the one saved or loaded)")
+    e.add_argument("--tasks", help="comma-separated lm-eval tasks, 0-shot (hasslefree[zeroshot]); --ppl '' skips ppl")
+    e.add_argument("--tasks-path", help="folder (or YAML file) of extra local lm-eval task definitions")
+    e.add_argument("--limit", type=int, help="score only the first N examples of each task")
+    e.add_argument("--batch-size", type=int, default=1, help="zero-shot batch size")
     e.set_defaults(handler=_eval)
 
     i = sub.add_parser("info", parents=[quiet], help="sizes of a compressed checkpoint")
@@ -229,26 +233,19 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hasslefree.data import resolve_source
-    from hasslefree.evaluate import check_seqlen, format_table, perplexities
+    from hasslefree.evaluate import check_eval_inputs, check_seqlen, eval_tables
 
-    datasets = [d.strip() for d in args.ppl.split(",") if d.strip()]
     try:
-        if not datasets:
-            raise ValueError("--ppl names no dataset")
-        for name in datasets:
-            resolve_source(name)
-        if args.max_windows is not None and args.max_windows < 1:
-            raise ValueError("--max-windows must be >= 1")
+        datasets, tasks = check_eval_inputs(args.ppl, args.tasks, max_windows=args.max_windows,
+                                            tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size)
         device = _device(args.device)
         model, tokenizer = _load(args.model, args.dtype, device=device, tokenizer=args.tokenizer)
-        seqlen = check_seqlen(model, args.seqlen)
-    except (ValueError, OSError) as exc:
+        seqlen = check_seqlen(model, args.seqlen) if datasets else None
+    except (ValueError, OSError, ImportError) as exc:
         raise UsageError(_one_line(exc)) from None
-    rows = perplexities(model, tokenizer, datasets, seqlen, max_windows=args.max_windows)
-    table = format_table(("dataset", "seqlen", "windows", "perplexity"),
-                         [(r.dataset, r.seqlen, r.windows, r.perplexity) for r in rows])
-    sys.stdout.write(f"{args.model}\n{table}\n")
+    tables = eval_tables(model, tokenizer, datasets, seqlen, tasks, max_windows=args.max_windows,
+                         tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size)
+    sys.stdout.write(f"{args.model}\n{tables}\n")
     return 0
 
 

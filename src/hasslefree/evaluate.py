@@ -1,7 +1,8 @@
 """Load a dense or compressed model by one name, and tabulate its perplexities.
 
 Shared by ``hasslefree eval`` and the demo so both report numbers the same way: the
-SparseGPT protocol of :mod:`hasslefree.perplexity`, optionally on the first N windows.
+SparseGPT protocol of :mod:`hasslefree.perplexity`, optionally on the first N windows;
+``hasslefree eval --tasks`` adds zero-shot accuracies (:mod:`hasslefree.zeroshot`).
 """
 
 from __future__ import annotations
@@ -134,3 +135,46 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def check_eval_inputs(ppl: str, tasks: str | None, *, max_windows: int | None = None, tasks_path: str | None = None,
+                      limit: int | None = None, batch_size: int = 1) -> tuple[list[str], list[str]]:
+    """``hasslefree eval``'s comma-separated datasets and tasks, checked before any model is
+    loaded (ValueError, OSError, or ImportError when tasks need a missing lm-eval)."""
+    from hasslefree.data import resolve_source
+
+    datasets = [d.strip() for d in ppl.split(",") if d.strip()]
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not datasets and not names:
+        raise ValueError("--ppl names no dataset and --tasks no task")
+    for name in datasets:
+        resolve_source(name)
+    if max_windows is not None and max_windows < 1:
+        raise ValueError("--max-windows must be >= 1")
+    if names:
+        from hasslefree.zeroshot import task_manager
+
+        if (limit is not None and limit < 1) or batch_size < 1:
+            raise ValueError("--limit and --batch-size must be >= 1")
+        task_manager(names, tasks_path)
+    elif tasks_path or limit is not None:
+        raise ValueError("--tasks-path and --limit need --tasks")
+    return datasets, names
+
+
+def eval_tables(model: nn.Module, tokenizer: Any, datasets: Sequence[str], seqlen: int | None, tasks: Sequence[str],
+                *, max_windows: int | None = None, tasks_path: str | None = None, limit: int | None = None,
+                batch_size: int = 1) -> str:
+    """The perplexity table, then the zero-shot table (each only when asked for)."""
+    tables = []
+    if datasets:
+        assert seqlen is not None
+        rows = perplexities(model, tokenizer, datasets, seqlen, max_windows=max_windows)
+        tables.append(format_table(("dataset", "seqlen", "windows", "perplexity"),
+                                   [(r.dataset, r.seqlen, r.windows, r.perplexity) for r in rows]))
+    if tasks:
+        from hasslefree.zeroshot import format_rows, zero_shot_rows
+
+        tables.append(format_rows(zero_shot_rows(model, tokenizer, tasks, batch_size=batch_size, limit=limit,
+                                                 include_path=tasks_path)))
+    return "\n\n".join(tables)
