@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -94,6 +94,36 @@ def alternate_many(
                       iteration, tolerance, patience)
             st.timeline.append(time.perf_counter() - began)
     return [st.best for st in states]
+
+
+def alternate_auto(weights: list[torch.Tensor], hessian: PreparedHessian, pattern: SparsityPattern,
+                   ranks: list[int], *, iterations: int, probe: int = 5, **options) -> list[LoopResult]:
+    """Probe both starts for ``probe`` iterations, then continue the better one per layer.
+
+    Neither start wins everywhere: where U Vᵀ can carry almost the whole layer (SmolLM2's
+    k_proj at rank 64) pruning first stalls far above OATS, while on MLP layers fitting the
+    low-rank part first ends a few percent worse. The better start is already ahead after a
+    few iterations, so the probe costs ``probe`` extra iterations. Timelines count both
+    probes as if run side by side, then the continuation.
+    """
+    if options.get("lowrank") is None or all(r == 0 for r in ranks):
+        return alternate_many(weights, hessian, pattern, ranks, iterations=iterations, **options)
+    length = min(probe, iterations)
+    first = alternate_many(weights, hessian, pattern, ranks, iterations=length, start="sparse", **options)
+    second = alternate_many(weights, hessian, pattern, ranks, iterations=length, start="lowrank", **options)
+    chosen = [a if min(a.history) <= min(b.history) else b for a, b in zip(first, second)]
+    spent = [[ta + tb for ta, tb in zip(a.timeline, b.timeline)] for a, b in zip(first, second)]
+    if iterations <= length:
+        return [replace(c, timeline=t) for c, t in zip(chosen, spent)]
+    rest = alternate_many(weights, hessian, pattern, ranks, iterations=iterations - length, start="sparse",
+                          warm=[(c.U, c.V) for c in chosen], **options)
+    results = []
+    for c, r, t in zip(chosen, rest, spent):
+        offset = first[0].timeline[-1] + second[0].timeline[-1]
+        best = c if min(c.history) <= min(r.history) else r
+        results.append(replace(best, history=c.history + r.history, timeline=t + [offset + x for x in r.timeline],
+                               best_iteration=c.best_iteration if best is c else length + r.best_iteration))
+    return results
 
 
 class _LayerState:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
 
-from hasslefree.alternating import alternate_many
+from hasslefree.alternating import alternate_auto, alternate_many
 from hasslefree.hessian import PreparedHessian, prepare_hessian
 from hasslefree.lowrank import LOWRANK_SOLVERS
 from hasslefree.objective import layer_objective
@@ -160,12 +161,13 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
     groups = [list(range(len(targets)))] if stack and separable else [[i] for i in range(len(targets))]
     results: dict[int, object] = {}
     for members in groups:
-        loop = alternate_many(
+        start = settings["start"] or spec.start
+        solve = alternate_auto if start == "auto" else partial(alternate_many, start=start)
+        loop = solve(
             [targets[i] for i in members], prepared, patterns[members[0]], [ranks[i] for i in members],
             prune=SPARSE_SOLVERS[sparse_name],
             lowrank=LOWRANK_SOLVERS[lowrank_name] if lowrank_name else None,
             iterations=settings["iterations"] or spec.iterations,
-            start=settings["start"] or spec.start,
             tolerance=spec.tolerance if settings["tolerance"] is None else settings["tolerance"],
             patience=settings["patience"],
             generators=[torch.Generator().manual_seed(settings["seed"]) for _ in members],
@@ -242,8 +244,8 @@ def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver,
                          f"{', '.join(LOWRANK_SOLVERS)}")
     rank_value, pattern = resolve_layer(out_features, in_features, pattern, rank, method,
                                         lowrank_solver=lowrank_solver, name=name)
-    if start is not None and start not in {"sparse", "lowrank"}:
-        raise ValueError(f"start must be 'sparse' or 'lowrank', got {start!r}")
+    if start is not None and start not in {"sparse", "lowrank", "auto"}:
+        raise ValueError(f"start must be 'sparse', 'lowrank' or 'auto', got {start!r}")
     if iterations is not None and iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     return pattern, rank_value

@@ -38,15 +38,15 @@ PRESETS: dict[str, Method] = {m.name: m for m in [
     Method("hassle-free", "sparsegpt", "adam", 80,
            lowrank_options={"steps": 50, "lr": 1e-2, "scaled": True},
            description="the paper: SparseGPT + scaled Adam on U, V"),
-    # Low-rank step first: where U Vᵀ can carry almost the whole layer (k_proj at rank 64),
-    # pruning W first lets the sparse part absorb it and the alternation stalls above OATS.
-    Method("hassle-free-exact", "sparsegpt", "exact", 80, start="lowrank",
-           description="exact P2 (SVD whitened by chol(H)) first, then SparseGPT"),
+    # start="auto" probes both orders: where U Vᵀ can carry almost the whole layer (k_proj at
+    # rank 64) pruning W first stalls above OATS; elsewhere pruning first ends lower.
+    Method("hassle-free-exact", "sparsegpt", "exact", 80, start="auto",
+           description="SparseGPT + the exact P2 (SVD whitened by chol(H)), better start per layer"),
     # The fastest: the exact P2 through a warm-started randomized SVD (thin products only).
-    Method("hassle-free-fast", "sparsegpt", "exact", 80, start="lowrank",
+    Method("hassle-free-fast", "sparsegpt", "exact", 80, start="auto",
            lowrank_options={"randomized": True},
            description="hassle-free-exact with a randomized, warm-started P2"),
-    Method("hassle-free-alps", "alps", "exact", 20, start="lowrank",
+    Method("hassle-free-alps", "alps", "exact", 20, start="auto",
            description="ALPS + the exact P2"),
 ]}
 
