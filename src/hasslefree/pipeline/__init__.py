@@ -2,7 +2,8 @@
 
 ``compress(model, tokenizer, ...)`` walks the decoder blocks one at a time, fits every
 targeted linear layer to calibration activations that already flow through the compressed
-earlier layers, and swaps in :class:`hasslefree.nn.SparseLowRankLinear` modules.
+earlier layers, and swaps in :class:`hasslefree.nn.SparseLowRankLinear` modules (or
+:class:`hasslefree.hss.HSSLinear` for the HSS methods).
 """
 
 from hasslefree.pipeline.api import check_calibration, compress, prepare
