@@ -305,6 +305,17 @@ def plot(layer: list[dict], ppl: list[dict], path: Path) -> None:
 
 
 # ------------------------------------------------------------------ main
+def _git(*args: str) -> str:
+    """Output of a git command in this checkout ("" when git is unavailable), to date the code measured."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nsamples", type=int, default=32)
@@ -334,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     big = HSSOptions(sparsity=args.sparsity, leaf=args.leaf)
     small = HSSOptions(sparsity=args.sparsity, leaf=args.small_leaf)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
+              "commit": _git("rev-parse", "--short", "HEAD"), "dirty_src": bool(_git("status", "--porcelain", "src")),
               "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "args": vars(args),
               "note": "shared 2-core machine (another benchmark running): timings are indicative; "
                       "SmolLM2 weights are the dequantised Q4_1 GGUF"}
