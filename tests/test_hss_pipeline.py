@@ -127,11 +127,14 @@ def test_bad_hss_options_fail_before_any_work(kwargs, message):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_plan_describes_hss_layers():
+def test_plan_describes_hss_layers(caplog):
     plan = prepare(tiny_llama(), method="shss-rcm-whitened", hss={"sparsity": 0.25, "outer_rank": 4, "leaf": 8})
     target = plan.layers[0]
     assert target.rank == 4 and target.pattern.nonzeros == int(0.25 * 64 * 64)
     assert target.settings.describe()["hss"]["sparsity"] == 0.25
+    assert "store at least as many values" not in caplog.text
+    prepare(tiny_llama(), method="shss", hss={"outer_rank": 512})  # leaf 256: one dense leaf plus S
+    assert "6 HSS layer(s) would store at least as many values as their dense weight" in caplog.text
 
 
 def test_resume_and_reload_bit_for_bit(tmp_path):

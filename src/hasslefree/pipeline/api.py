@@ -47,6 +47,12 @@ def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: i
     defaults = LayerSettings(SparsityPattern.parse(pattern), as_rank_policy(rank), method, iterations, hss_options)
     plan = build_plan(model, arch, defaults, overrides, skip)
     hss_layers = [t for t in plan.layers if t.settings.is_hss]
+    larger = [t for t in hss_layers
+              if t.settings.hss.parameter_count((t.out_features, t.in_features)) >= t.out_features * t.in_features]
+    if larger:
+        logger.warning("%d HSS layer(s) would store at least as many values as their dense weight (e.g. %s, "
+                       "%d x %d at outer rank %d); lower the outer rank or the leaf, or give an HSS budget",
+                       len(larger), larger[0].name, larger[0].out_features, larger[0].in_features, larger[0].rank)
     if hss is not None and not hss_layers:
         raise ValueError("HSS options were given but no layer uses an HSS method (shss, shss-rcm, ...)")
     if hss_layers and len(hss_layers) == len(plan.layers):
