@@ -24,7 +24,7 @@ from block_hessians import LLAMA_LAYERS, block_problems
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_METHODS = ["magnitude", "wanda", "sparsegpt", "alps", "magnitude-svd", "oats", "hassle-free",
-                   "hassle-free-exact", "hassle-free-alps"]
+                   "hassle-free-exact", "hassle-free-fast", "hassle-free-alps"]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
