@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from hasslefree.decompose import resolve_layer
 from hasslefree.hss.options import HSS_METHODS, HSSOptions, is_hss_method
 from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import PRESETS, get_method
@@ -190,20 +191,11 @@ def _check(name: str, relative: str, block: int, group: int, module: nn.Module, 
     out_features, in_features = layer_shape(module)
     if settings.is_hss:
         return _check_hss(name, relative, block, group, out_features, in_features, settings, problems)
-    method = get_method(settings.method)
-    policy = settings.rank_policy()
     try:
-        settings.pattern.validate_shape(out_features, in_features, name)
-        rank, pattern = policy.resolve(settings.pattern, out_features, in_features)
+        rank, pattern = resolve_layer(out_features, in_features, settings.pattern, settings.rank_policy(),
+                                      settings.method, name=name)
     except ValueError as exc:
-        problems.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
-        return None
-    if method.prunes_only and rank > 0:
-        problems.append(f"{name}: method {settings.method!r} prunes only, but rank {rank} was asked for; "
-                        "use rank 0 or a sparse + low-rank method such as 'hassle-free'")
-        return None
-    if rank > min(out_features, in_features):
-        problems.append(f"{name}: rank {rank} exceeds min(out, in) = {min(out_features, in_features)}")
+        problems.append(str(exc))
         return None
     return TargetLayer(name, relative, block, group, out_features, in_features, settings, rank, pattern)
 
