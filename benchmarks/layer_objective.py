@@ -74,7 +74,7 @@ def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("relative layer error f / f(0)")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
