@@ -12,11 +12,7 @@ count. The decomposition itself does not change the sizes, so none is run.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,8 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hasslefree.checkpoint import checkpoint_info, format_info, save_compressed
 from hasslefree.nn import SparseLowRankLinear, replace_linear
 from hasslefree.patterns import SparsityPattern
+from results_log import append_record
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,10 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  "rank_policy": str(args.rank)})
         info = checkpoint_info(tmp)
     print(format_info(info))
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "checkpoint_size.jsonl", "a") as f:
-        f.write(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "command": " ".join(sys.argv), "info": info}, default=str) + "\n")
+    append_record("checkpoint_size", {"info": info})
 
 
 if __name__ == "__main__":

@@ -10,19 +10,15 @@ and a bar plot PNG.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
-import platform
-import sys
 from pathlib import Path
 
 import torch
 
 import hasslefree as hf
 from block_hessians import LLAMA_LAYERS, block_problems
+from results_log import RESULTS, append_record
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT_METHODS = ["magnitude", "wanda", "sparsegpt", "alps", "magnitude-svd", "oats", "hassle-free",
                    "hassle-free-exact", "hassle-free-fast", "hassle-free-alps"]
 
@@ -101,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"layer_objective_{args.model}_block{args.block}_{args.pattern.replace(':', 'of')}_r{args.rank}"
     plot(rows, args.methods, RESULTS / f"{stem}.png",
          f"{args.model} block {args.block}: {args.pattern} + rank {args.rank}, {args.iterations} iterations")
-    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
-              "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "args": vars(args), "rows": rows}
-    with open(RESULTS / "layer_objective.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record("layer_objective", {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

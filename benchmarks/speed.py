@@ -12,20 +12,15 @@ times. Results go to a table (stdout) and benchmarks/results/speed.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
-import platform
-import sys
-from pathlib import Path
 
 import torch
 
 import hasslefree as hf
 from block_hessians import LLAMA_LAYERS, block_problems
 from official_reference import official_loop
+from results_log import append_record
 
-RESULTS = Path(__file__).parent / "results"
 PRESETS = ["hassle-free-exact", "hassle-free-fast"]
 
 
@@ -77,11 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['published_seconds']:.1f} | {r['preset']} | {r['ours_relative_objective']:.3g} | "
                      f"{reach} | {speed} |")
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "speed.jsonl", "a") as f:
-        f.write(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "machine": platform.machine(), "threads": torch.get_num_threads(),
-                            "command": " ".join(sys.argv), "rows": rows}) + "\n")
+    append_record("speed", {"rows": rows})
 
 
 if __name__ == "__main__":

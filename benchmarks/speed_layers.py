@@ -11,20 +11,15 @@ steps are timed and its iteration is extrapolated as pass + 50 x step (said in t
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 import hasslefree as hf
 from official_reference import adam_steps, sparsegpt_pass
+from results_log import append_record
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def synthetic_problem(out_features: int, in_features: int, seed: int = 0, k: int = 256):
@@ -92,11 +87,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['published_seconds_per_iteration']:.1f} ({r['published_sparsegpt_seconds']:.1f} + 50 x "
               f"{r['published_adam_step_seconds']:.2f}) | {r['speedup']:.1f}x |" for r in rows]
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "speed_layers.jsonl", "a") as f:
-        f.write(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "machine": platform.machine(), "threads": torch.get_num_threads(),
-                            "command": " ".join(sys.argv), "rows": rows}) + "\n")
+    append_record("speed_layers", {"rows": rows})
 
 
 if __name__ == "__main__":
