@@ -28,6 +28,33 @@ class _Stop(Exception):
     pass
 
 
+def input_hessians(model, modules: dict, windows: torch.Tensor, last_block: int,
+                   dtype: torch.dtype = torch.float32) -> dict:
+    """H = running mean of xxᵀ of each module's input over ``windows`` (one dense forward each).
+
+    The forward stops after decoder block ``last_block``, so deeper blocks cost nothing.
+    """
+    accumulators = {key: HessianAccumulator(module.in_features, dtype=dtype) for key, module in modules.items()}
+    handles = [module.register_forward_pre_hook(lambda _m, args, acc=accumulators[key]: acc.add(args[0]))
+               for key, module in modules.items()]
+
+    def stop(*_):
+        raise _Stop
+
+    handles.append(model.model.layers[last_block].register_forward_hook(stop))
+    try:
+        with torch.inference_mode():
+            for window in windows:
+                try:
+                    model(window.unsqueeze(0))
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: acc.hessian for key, acc in accumulators.items()}
+
+
 def block_problems(model_spec: str, block: int, nsamples: int, seqlen: int, seed: int = 0,
                    calib: str = "c4", cache_dir: Path = Path(".cache")) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer: (weight, hessian)}`` for the linear layers of decoder block ``block``."""
@@ -39,25 +66,10 @@ def block_problems(model_spec: str, block: int, nsamples: int, seqlen: int, seed
     model, tokenizer = load_model(model_spec)
     calibration = calibration_batch(tokenizer, calib, nsamples, seqlen, seed)
     layer = model.model.layers[block]
-    accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features, dtype=torch.float64)
-                    for name in LLAMA_LAYERS}
-    handles = [layer.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, acc=accumulators[name]: acc.add(args[0])) for name in LLAMA_LAYERS]
-
-    def stop(*_):
-        raise _Stop
-
-    handles.append(layer.register_forward_hook(stop))
-    with torch.inference_mode():
-        for window in calibration:
-            try:
-                model(window.unsqueeze(0))
-            except _Stop:
-                pass
-    for handle in handles:
-        handle.remove()
+    accumulators = input_hessians(model, {name: layer.get_submodule(name) for name in LLAMA_LAYERS},
+                                  calibration, block, dtype=torch.float64)
     problems = {name: (layer.get_submodule(name).weight.detach().float().clone(),
-                       accumulators[name].hessian.float()) for name in LLAMA_LAYERS}
+                       accumulators[name].float()) for name in LLAMA_LAYERS}
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({f"{n}.{k}": t.contiguous() for n, (w, h) in problems.items()
                for k, t in (("weight", w), ("hessian", h))}, str(cache))

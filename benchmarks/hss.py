@@ -43,10 +43,11 @@ from torch import nn
 
 import hasslefree as hf
 from hasslefree.data import calibration_batch, eval_tokens
-from hasslefree.hessian import HessianAccumulator
 from hasslefree.hss import HSSOptions, compress_linear_hss, magnitude_sparse
 from hasslefree.loading import find_data_file, load_model
 from hasslefree.perplexity import perplexity
+
+from block_hessians import input_hessians
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(".cache")
@@ -76,30 +77,8 @@ def collect_hessians(model, tokenizer, spec: str, layers: dict[int, list[str]], 
     else:
         began = time.perf_counter()
         windows = calibration_batch(tokenizer, calib, args.nsamples, args.seqlen, args.seed)
-        accs = {}
-        handles = []
-        for b, n in wanted:
-            module = model.model.layers[b].get_submodule(n)
-            accs[(b, n)] = HessianAccumulator(module.in_features, dtype=torch.float32)
-            handles.append(module.register_forward_pre_hook(lambda _m, a, acc=accs[(b, n)]: acc.add(a[0])))
-        last = max(b for b, _ in wanted)
-
-        class Stop(Exception):
-            pass
-
-        def stop(*_):
-            raise Stop
-
-        handles.append(model.model.layers[last].register_forward_hook(stop))
-        with torch.inference_mode():
-            for window in windows:
-                try:
-                    model(window.unsqueeze(0))
-                except Stop:
-                    pass
-        for h in handles:
-            h.remove()
-        found = {k: a.hessian for k, a in accs.items()}
+        modules = {(b, n): model.model.layers[b].get_submodule(n) for b, n in wanted}
+        found = input_hessians(model, modules, windows, max(b for b, _ in wanted))
         CACHE.mkdir(exist_ok=True)
         save_file({f"{b}.{n}": h.contiguous() for (b, n), h in found.items()}, str(path))
         log.info("%s: %d Hessians from %d x %d tokens in %.0f s", spec, len(found), args.nsamples, args.seqlen,
