@@ -60,6 +60,7 @@ class PreparedHessian:
     dead: torch.Tensor
     damping: float
     _inverse_upper: torch.Tensor | None = field(default=None, repr=False)
+    _eigen: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def diag_sqrt(self) -> torch.Tensor:
@@ -77,6 +78,12 @@ class PreparedHessian:
         if self._inverse_upper is None:
             self._inverse_upper = torch.linalg.cholesky(self.inverse(), upper=True)
         return self._inverse_upper
+
+    def eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues and eigenvectors of the damped H (ALPS's ridge solves), cached."""
+        if self._eigen is None:
+            self._eigen = torch.linalg.eigh(self.damped)
+        return self._eigen
 
 
 def prepare_hessian(

@@ -44,7 +44,8 @@ def alps_prune(
     goal[:, hessian.dead] = 0
     scale = float(hessian.damped.diagonal().mean())
     h = hessian.damped / scale
-    evals, evecs = torch.linalg.eigh(h)
+    evals, evecs = hessian.eigen()  # computed once per layer, not once per alternating iteration
+    evals = evals / scale
     goal_h = goal @ h
     if previous is not None:
         sparse = pattern.project(previous.to(dtype))
