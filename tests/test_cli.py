@@ -123,3 +123,17 @@ def test_console_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("hasslefree: error: model path")
+
+
+def test_compress_in_bfloat16_keeps_bfloat16_activations_and_float32_maths(tmp_path, capsys):
+    text = _stories_text()
+    out = tmp_path / "bf16"
+    assert main(["compress", "stories260K", "--out", str(out), "--calib", text, "--nsamples", "2",
+                 "--seqlen", "64", "--rank", "4", "--method", "hassle-free-fast", "--iterations", "2",
+                 "--dtype", "bfloat16", "-q"]) == 0
+    capsys.readouterr()
+    import json
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["activation_dtype"] == "torch.bfloat16"
+    assert report["config"]["hessian_dtype"] == "torch.float32"
+    assert all(layer["relative_objective"] < 1 for layer in report["layers"])

@@ -112,3 +112,33 @@ def test_refit_matches_per_row_direct_solve():
         expected = torch.zeros(20, dtype=torch.float64)
         expected[s] = torch.linalg.solve(hessian[s][:, s], (hessian @ weight[r])[s])
         torch.testing.assert_close(fitted[r], expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "2:8", "unstructured:0.4"])
+def test_sparsegpt_refit_keeps_the_mask_and_reaches_the_support_optimum(spec):
+    weight, hessian = correlated_problem(21, 56, seed=8)
+    weight[:, 5] = 0.7  # a weight on an input the calibration never saw must stay pruned
+    hessian[5, :] = 0
+    hessian[:, 5] = 0
+    prepared = prepare_hessian(hessian)
+    pattern = SparsityPattern.parse(spec)
+    plain = sparsegpt_prune(weight, prepared, pattern)
+    short = sparsegpt_prune(weight, prepared, pattern, refit_iterations=3)
+    full = sparsegpt_prune(weight, prepared, pattern, refit_iterations=300)
+    mask = plain != 0
+    assert torch.equal(short != 0, mask) and torch.equal(full != 0, mask)
+    assert not bool(full[:, 5].any())
+    goal = weight.clone()
+    goal[:, prepared.dead] = 0
+    # per-row least squares on the support, in float64, with the damped H the solver uses
+    h = prepared.damped.double()
+    expected = torch.zeros_like(goal, dtype=torch.float64)
+    for row in range(goal.shape[0]):
+        cols = mask[row].nonzero().squeeze(1)
+        rhs = h[cols] @ goal[row].double()
+        expected[row, cols] = torch.linalg.solve(h[cols][:, cols], rhs)
+    torch.testing.assert_close(full.double(), expected, rtol=1e-4, atol=1e-5)
+    damped = prepared.damped
+    objective = [residual_objective(goal - s, damped) for s in (plain, short, full)]
+    assert objective[2] <= objective[1] <= objective[0] * (1 + 1e-6)
+    assert objective[2] < objective[0]

@@ -42,10 +42,13 @@ PRESETS: dict[str, Method] = {m.name: m for m in [
     # rank 64) pruning W first stalls above OATS; elsewhere pruning first ends lower.
     Method("hassle-free-exact", "sparsegpt", "exact", 80, start="auto",
            description="SparseGPT + the exact P2 (SVD whitened by chol(H)), better start per layer"),
-    # The fastest: the exact P2 through a warm-started randomized SVD (thin products only).
-    Method("hassle-free-fast", "sparsegpt", "exact", 80, start="auto",
-           lowrank_options={"randomized": True},
-           description="hassle-free-exact with a randomized, warm-started P2"),
+    # The fastest: the exact P2 through a warm-started randomized SVD (thin products only, one
+    # power iteration), and SparseGPT followed by a short PCG refit of the kept weights, which
+    # lowers the objective per iteration enough that 50 iterations beat 80 of the others.
+    Method("hassle-free-fast", "sparsegpt", "exact", 50, start="auto",
+           sparse_options={"refit_iterations": 3},
+           lowrank_options={"randomized": True, "power_iterations": 1},
+           description="SparseGPT + refit, randomized warm-started exact P2, 50 iterations"),
     Method("hassle-free-alps", "alps", "exact", 20, start="auto",
            description="ALPS + the exact P2"),
 ]}

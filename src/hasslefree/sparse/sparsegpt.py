@@ -11,6 +11,7 @@ import torch
 
 from hasslefree.hessian import PreparedHessian
 from hasslefree.patterns import SparsityPattern, topk_mask
+from hasslefree.sparse.refit import refit_on_support
 
 
 def sparsegpt_prune(
@@ -20,6 +21,7 @@ def sparsegpt_prune(
     *,
     blocksize: int = 128,
     adaptive_mask: bool = True,
+    refit_iterations: int = 0,
     **_: object,
 ) -> torch.Tensor:
     """Prune ``target`` (out x in) to ``pattern`` with SparseGPT's blocked OBS updates.
@@ -28,6 +30,8 @@ def sparsegpt_prune(
     updated so far. Unstructured/row masks are chosen per block (``adaptive_mask``, the
     original behaviour, budget shared across blocks in proportion to their width) or once
     up front (``adaptive_mask=False``), which with H = I is exactly magnitude pruning.
+    ``refit_iterations`` > 0 then re-solves the kept weights on the found support (PCG):
+    SparseGPT's lazy updates leave them short of the least-squares optimum.
     """
     weight = target.to(hessian.damped.dtype).clone()
     rows, cols = weight.shape
@@ -38,6 +42,7 @@ def sparsegpt_prune(
     if pattern.kind == "nm":
         blocksize = max(pattern.m, (blocksize // pattern.m) * pattern.m)
     keep_all = None
+    kept = torch.zeros_like(weight, dtype=torch.bool)
     if pattern.kind != "nm" and not adaptive_mask:
         keep_all = pattern.mask_from_scores(weight.square() / hinv.diagonal().square())
 
@@ -59,7 +64,12 @@ def sparsegpt_prune(
         else:
             _columns(block, keep, errors, hinv_block, 0, end - start)
         weight[:, start:end] = block * keep
+        kept[:, start:end] = keep
         weight[:, end:] -= errors @ hinv[start:end, end:]
+    if refit_iterations > 0:
+        goal = target.to(weight.dtype).clone()
+        goal[:, hessian.dead] = 0  # inputs never seen stay pruned, as above
+        weight = refit_on_support(goal, hessian.damped, kept, weight, iterations=refit_iterations)
     return weight.to(target.dtype)
 
 
@@ -67,19 +77,34 @@ def _nm_block(block: torch.Tensor, keep: torch.Tensor, errors: torch.Tensor,
               hinv_block: torch.Tensor, pattern: SparsityPattern) -> None:
     """One block of N:M SparseGPT, a group of M columns at a time.
 
-    Inside a group the OBS updates touch only the group's own columns; the rest of the
-    block receives the group's errors in one (rows x M) @ (M x rest) product, so each column
-    costs O(rows · M) memory traffic instead of O(rows · block width).
+    With the group's mask fixed, its OBS updates are the recurrence
+    e_c = (w_c − Σ_{j<c} e_j U_jc) · [c pruned] / U_cc, and everything right of the group
+    receives the errors in one product. Working on the transposed block keeps each column
+    contiguous, so a group costs a few vector operations instead of a few per column: the
+    loop is bound by per-operation overhead, not arithmetic.
     """
-    diag = hinv_block.diagonal()
+    m, n = pattern.m, pattern.n
     width = block.shape[1]
-    m = pattern.m
+    columns = block.mT.contiguous()                      # (width, rows)
+    errs = torch.zeros_like(columns)
+    kept = torch.zeros_like(columns, dtype=torch.bool)
+    diag = hinv_block.diagonal()
+    inv_diag = diag.reciprocal().unsqueeze(1)
+    diag_sq = diag.square().unsqueeze(1)
     for i in range(0, width, m):
-        group = block[:, i:i + m]
-        keep[:, i:i + m] = pattern.mask_from_scores(group.square() / diag[i:i + m].square())
-        _columns(block[:, i:i + m], keep[:, i:i + m], errors[:, i:i + m], hinv_block[i:i + m, i:i + m], 0, m)
-        if i + m < width:
-            block[:, i + m:] -= errors[:, i:i + m] @ hinv_block[i:i + m, i + m:]
+        j = i + m
+        group, err, mask = columns[i:j], errs[i:j], kept[i:j]
+        if n > 0:
+            mask.scatter_(0, (group.square() / diag_sq[i:j]).topk(n, dim=0).indices, True)
+        coef = (~mask) * inv_diag[i:j]
+        upper = hinv_block[i:j, i:j]
+        torch.mul(group[0], coef[0], out=err[0])
+        for c in range(1, m):
+            torch.mul(group[c] - upper[:c, c] @ err[:c], coef[c], out=err[c])
+        columns[i:].addmm_(hinv_block[i:j, i:].mT, err, alpha=-1)
+    block.copy_(columns.mT)
+    errors.copy_(errs.mT)
+    keep.copy_(kept.mT)
 
 
 def _columns(block: torch.Tensor, keep: torch.Tensor, errors: torch.Tensor,
