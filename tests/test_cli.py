@@ -137,3 +137,24 @@ def test_compress_in_bfloat16_keeps_bfloat16_activations_and_float32_maths(tmp_p
     assert report["config"]["activation_dtype"] == "torch.bfloat16"
     assert report["config"]["hessian_dtype"] == "torch.float32"
     assert all(layer["relative_objective"] < 1 for layer in report["layers"])
+
+
+def test_compress_streamed_from_a_saved_folder_equals_in_memory(tmp_path, capsys):
+    text = _stories_text()
+    from hasslefree.loading import load_model
+
+    model, tokenizer = load_model("stories260K")
+    folder = tmp_path / "stories"
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    argv = ["--calib", text, "--nsamples", "2", "--seqlen", "64", "--rank", "4", "--method", "hassle-free-fast",
+            "--iterations", "1", "-q"]
+    assert main(["compress", str(folder), "--out", str(tmp_path / "a"), *argv]) == 0
+    assert main(["compress", str(folder), "--stream", "--out", str(tmp_path / "b"), *argv]) == 0
+    capsys.readouterr()
+    from hasslefree.checkpoint import load_compressed
+
+    a, b = load_compressed(tmp_path / "a").state_dict(), load_compressed(tmp_path / "b").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    line = _error(capsys, ["compress", "stories260K", "--stream", "--out", str(tmp_path / "c"), *argv])
+    assert "config.json" in line

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--sweeps", type=int, help="block coordinate-descent sweeps of the data-aware fit (default 1)")
     c.add_argument("--no-modules", action="store_true",
                    help="write the merged dense weights instead of SparseLowRankLinear modules")
+    c.add_argument("--stream", action="store_true",
+                   help="read the decoder blocks from the model's safetensors one at a time instead of "
+                        "loading the whole model (local Hugging Face folders; memory stays one block deep)")
     c.add_argument("--no-true-sequential", action="store_true",
                    help="take all Hessians of a block from its input before compressing any of its layers")
     c.set_defaults(handler=_compress)
@@ -215,7 +218,7 @@ def _compress(args: argparse.Namespace) -> int:
         if args.nsamples < 1 or args.batch_size < 1:
             raise ValueError("--nsamples and --batch-size must be >= 1")
         resolve_source(args.calib, split="calib")
-        model, tokenizer = _load(args.model, args.dtype)
+        model, tokenizer, block_weights = _load_for_compress(args)
         prepare(model, pattern=args.pattern, rank=rank, method=args.method, iterations=args.iterations,
                 overrides=overrides, skip=skip, engine_options=engine, hss=hss)
         seqlen = check_seqlen(model, args.seqlen)
@@ -230,7 +233,8 @@ def _compress(args: argparse.Namespace) -> int:
                               device=device, out_dir=args.out, seed=args.seed, progress=not args.quiet,
                               batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
                               dense=args.no_modules, model_name=args.model, hss=hss,
-                              activation_dtype=_dtype(args.activation_dtype or args.dtype), **engine)
+                              activation_dtype=_dtype(args.activation_dtype or args.dtype),
+                              block_weights=block_weights, **engine)
     except ResumeMismatch as exc:
         raise UsageError(_one_line(exc)) from None
     sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")
@@ -288,6 +292,17 @@ def _load(spec: str, dtype: str, device: str = "cpu", tokenizer: str | None = No
     from hasslefree.evaluate import load_any
 
     return load_any(spec, dtype=_dtype(dtype), device=device, tokenizer=tokenizer)
+
+
+def _load_for_compress(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, block weights or None)``; with --stream the blocks stay on disk."""
+    if not args.stream:
+        return (*_load(args.model, args.dtype), None)
+    from hasslefree.loading import open_streaming
+    from hasslefree.loading.hf import load_tokenizer
+
+    model, weights = open_streaming(args.model, dtype=_dtype(args.dtype))
+    return model, load_tokenizer(args.model), weights
 
 
 def _one_line(exc: BaseException) -> str:

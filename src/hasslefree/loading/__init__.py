@@ -19,8 +19,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from .hf import hub_id_is_cached, hub_is_offline, load_pretrained
 from .llama2c import load_llama2c_model, load_llama2c_tokenizer
 from .paths import find_data_dir, find_data_file, find_smollm2_gguf
+from .streaming import BlockWeights, open_streaming
 
-__all__ = ["load_model", "find_smollm2_gguf", "find_data_dir", "find_data_file", "resolve_alias", "ALIASES"]
+__all__ = ["load_model", "open_streaming", "BlockWeights", "find_smollm2_gguf", "find_data_dir", "find_data_file", "resolve_alias", "ALIASES"]
 
 logger = logging.getLogger(__name__)
 

@@ -63,13 +63,21 @@ def load_pretrained(
     kwargs: dict = {"local_files_only": local_files_only}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = _saved_sentencepiece_tokenizer(source) if gguf_file is None else None
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
+    tokenizer = load_tokenizer(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **kwargs)
     if gguf_file is not None:
         drop_gguf_quantizer(model)
     return model, tokenizer
+
+
+def load_tokenizer(source: str | Path, gguf_file: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model (our sentencepiece one, or whatever AutoTokenizer reads)."""
+    tokenizer = _saved_sentencepiece_tokenizer(source) if gguf_file is None else None
+    if tokenizer is None:
+        if gguf_file is not None:
+            kwargs["gguf_file"] = gguf_file
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
+    return tokenizer
 
 
 def _saved_sentencepiece_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:

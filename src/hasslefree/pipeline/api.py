@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from hasslefree.pipeline.registry import resolve_architecture
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
 from hasslefree.pipeline.sequential import BlockCallback, PipelineOptions, run_sequential
+
+if TYPE_CHECKING:
+    from hasslefree.loading.streaming import BlockWeights
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,7 @@ def compress(
     model_name: str | None = None,
     on_block_end: BlockCallback | None = None,
     hss: HSSOptions | Mapping[str, Any] | None = None,
+    block_weights: BlockWeights | None = None,
     **engine_options: Any,
 ) -> CompressionReport:
     """Compress every linear layer of ``model``'s decoder blocks in place; return the report.
@@ -119,6 +123,9 @@ def compress(
     W_S + U Vᵀ into the original layers instead of swapping in SparseLowRankLinear. With ``out_dir``, every finished
     block is checkpointed and re-running the same call resumes; the report, its plot and
     the compressed model are written there. ``engine_options`` go to ``decompose_group``.
+    ``block_weights`` (from :func:`hasslefree.loading.open_streaming`, which leaves the blocks
+    on the meta device) streams the blocks in one at a time; it needs ``out_dir``, and the
+    compressed blocks are read back from there only to write the final model.
 
     HSS methods (``shss``, ``shss-rcm``, ``shss-whitened``, ``shss-rcm-whitened``) replace a
     layer by :class:`hasslefree.hss.HSSLinear`, built as ``hss`` (:class:`HSSOptions` or a
@@ -131,6 +138,8 @@ def compress(
                    overrides=overrides, skip=skip, engine_options=engine_options, hss=hss)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if block_weights is not None and out_dir is None:
+        raise ValueError("streaming the blocks (block_weights) needs out_dir to checkpoint them in")
     if calibration is None:
         if tokenizer is None:
             raise ValueError("pass calibration token ids, or a tokenizer to build them from calib")
@@ -158,7 +167,11 @@ def compress(
     model.eval()
     try:
         records, resumed = run_sequential(model, plan, calibration, device=device, options=options, timer=timer,
-                                          store=store, on_block_end=on_block_end)
+                                          store=store, on_block_end=on_block_end, weights=block_weights)
+        if block_weights is not None:  # the finished model, one compressed block after another
+            with timer.stage("assemble"):
+                for index, block in enumerate(plan.architecture.block_list(model)):
+                    store.load_block(index, block)  # type: ignore[union-attr]
     finally:
         model.train(was_training)
     report = CompressionReport(model=str(name), architecture=plan.architecture.name,

@@ -18,10 +18,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from hasslefree.loading.streaming import BlockWeights
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +134,24 @@ def blocks_visit_device(blocks: nn.ModuleList, device: torch.device) -> Iterator
         yield
 
 
+@contextlib.contextmanager
+def blocks_stream_in(blocks: nn.ModuleList, device: torch.device, weights: BlockWeights) -> Iterator[None]:
+    """Read each (meta) block from disk only while it runs, then drop it again."""
+    def arrive(index: int):
+        def hook(module: nn.Module, _args: tuple) -> None:
+            weights.load(index, module)
+            module.to(device)
+        return hook
+
+    def leave(module: nn.Module, _args: tuple, _output: Any) -> None:
+        weights.release(module)
+
+    handles = [h for i, b in enumerate(blocks)
+               for h in (b.register_forward_pre_hook(arrive(i)), b.register_forward_hook(leave))]
+    with _hooks(handles):
+        yield
+
+
 def _forward(model: nn.Module, input_ids: torch.Tensor) -> None:
     try:
         model(input_ids=input_ids, use_cache=False)
@@ -141,11 +162,13 @@ def _forward(model: nn.Module, input_ids: torch.Tensor) -> None:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, *,
-                         batch_size: int, device: torch.device, dtype: torch.dtype) -> BlockInputs:
+                         batch_size: int, device: torch.device, dtype: torch.dtype,
+                         weights: BlockWeights | None = None) -> BlockInputs:
     """Block-0 inputs of every calibration batch and every block's call, stored on the CPU.
 
     The model's non-block modules must already be on ``device``; blocks are visited there
-    one at a time during the single probe pass per batch shape.
+    one at a time during the single probe pass per batch shape (read from ``weights`` and
+    dropped again when they are streamed).
     """
     batches = split_batches(calibration, batch_size)
     hidden: list[torch.Tensor] = []
@@ -162,13 +185,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calibration: t
     inputs = BlockInputs(hidden)
     for batch in batches:
         if batch.shape[0] not in inputs.calls:
-            inputs.calls[batch.shape[0]] = _probe_calls(model, blocks, batch.to(device))
+            inputs.calls[batch.shape[0]] = _probe_calls(model, blocks, batch.to(device), weights)
     logger.debug("captured %d batches entering block 0; calls recorded for batch sizes %s",
                  len(hidden), sorted(inputs.calls))
     return inputs
 
 
-def _probe_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor) -> list[Call]:
+def _probe_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                 weights: BlockWeights | None = None) -> list[Call]:
     """Run one batch through the blocks, recording each block's arguments (hidden states aside)."""
     calls: list[Call | None] = [None] * len(blocks)
     memo: dict[int, Any] = {}
@@ -184,7 +208,8 @@ def _probe_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tenso
 
     handles = [b.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, b in enumerate(blocks)]
     device = input_ids.device
-    with _hooks(handles), blocks_visit_device(blocks, device):
+    visits = blocks_visit_device(blocks, device) if weights is None else blocks_stream_in(blocks, device, weights)
+    with _hooks(handles), visits:
         _forward(model, input_ids)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:

@@ -121,14 +121,16 @@ class ResumeStore:
             if not info.get("module"):
                 continue
             old = block.get_submodule(relative)
+            device = next(iter(old.state_dict().values())).device
             if info.get("kind") == "hss":
-                replace_linear(block, relative, hss_shell(state, relative, info["spec"]).to(old.weight.device))
+                replace_linear(block, relative, hss_shell(state, relative, info["spec"]).to(device))
                 continue
             weight = state[f"{relative}.sparse_weight"]
             shell = empty_compressed(info["out_features"], info["in_features"], info["rank"], info["bias"],
-                                     info["pattern"], weight.dtype, old.weight.device)
+                                     info["pattern"], weight.dtype, device)
             replace_linear(block, relative, shell)
-        block.load_state_dict(state, strict=True)
+        # a streamed block is still on the meta device: take the stored tensors themselves
+        block.load_state_dict(state, strict=True, assign=any(t.is_meta for t in block.state_dict().values()))
 
 
 def _record_dict(record: LayerRecord) -> dict[str, Any]:

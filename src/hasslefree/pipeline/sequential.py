@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from hasslefree.pipeline.layers import compressed_module, layer_weight, module_p
 from hasslefree.pipeline.plan import Plan, TargetLayer
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore
+
+if TYPE_CHECKING:
+    from hasslefree.loading.streaming import BlockWeights
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +58,23 @@ class PipelineOptions:
 
 def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, device: torch.device,
                    options: PipelineOptions, timer: StageTimer, store: ResumeStore | None = None,
-                   on_block_end: BlockCallback | None = None) -> tuple[list[LayerRecord], int]:
-    """Compress ``model`` in place; return the layer records and how many blocks were resumed."""
+                   on_block_end: BlockCallback | None = None,
+                   weights: BlockWeights | None = None) -> tuple[list[LayerRecord], int]:
+    """Compress ``model`` in place; return the layer records and how many blocks were resumed.
+
+    With ``weights`` the blocks start on the meta device: each is read just before it is
+    compressed and dropped once checkpointed in ``store`` (required then), so memory holds one
+    block at a time.
+    """
     blocks = plan.architecture.block_list(model)
+    if weights is not None and store is None:
+        raise ValueError("streaming the blocks needs an output directory to checkpoint them in")
     resumed = store.start(len(blocks)) if store is not None else 0
     records = store.records() if store is not None else []
-    with timer.stage("resume"):
-        for index in range(resumed):
-            store.load_block(index, blocks[index])  # type: ignore[union-attr]
+    if weights is None:
+        with timer.stage("resume"):
+            for index in range(resumed):
+                store.load_block(index, blocks[index])  # type: ignore[union-attr]
     if resumed:
         logger.info("resuming after %d finished block(s) of %d", resumed, len(blocks))
     if resumed == len(blocks):
@@ -70,14 +82,21 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
     with _rest_of_model_on(model, plan.architecture.blocks, device):
         with timer.stage("capture"):
             inputs = capture_block_inputs(model, blocks, calibration, batch_size=options.batch_size,
-                                          device=device, dtype=options.activation_dtype)
+                                          device=device, dtype=options.activation_dtype, weights=weights)
         hidden = inputs.hidden
         with timer.stage("resume"):
             for index in range(resumed):
+                if weights is not None:
+                    store.load_block(index, blocks[index])  # type: ignore[union-attr]
                 hidden = _propagate(blocks[index], index, hidden, inputs, device, options)
+                if weights is not None:
+                    weights.release(blocks[index])
         bar = _bar(range(resumed, len(blocks)), options, desc="blocks", total=len(blocks), initial=resumed)
         for index in bar:
             block = blocks[index]
+            if weights is not None:
+                with timer.stage("load"):
+                    weights.load(index, block)
             home = next(block.parameters()).device
             block.to(device)
             block_records, layer_meta = _compress_block(block, index, plan.blocks[index], hidden, inputs,
@@ -88,6 +107,8 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
             if store is not None:
                 with timer.stage("checkpoint"):
                     store.save_block(index, block, layer_meta, block_records, len(blocks))
+            if weights is not None:
+                weights.release(block)
             records.extend(block_records)
             if block_records:
                 worst = max(r.relative_objective for r in block_records)

@@ -1,0 +1,78 @@
+"""Streaming the decoder blocks from safetensors gives the same result as loading the whole model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hasslefree.loading import open_streaming
+from hasslefree.pipeline import ResumeMismatch, compress
+from tiny_models import tiny_llama, token_batch
+
+torch.set_num_threads(1)
+
+OPTIONS = dict(rank=4, method="hassle-free-fast", iterations=2, progress=False)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _saved(tmp_path, **changes):
+    model = tiny_llama(num_hidden_layers=3, **changes)
+    model.save_pretrained(str(tmp_path / "model"))
+    return model, tmp_path / "model"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_run_equals_in_memory_run(tmp_path, tied):
+    ids = token_batch(3, 32)
+    model, folder = _saved(tmp_path, tie_word_embeddings=tied)
+    streamed, weights = open_streaming(folder)
+    assert all(p.is_meta for p in streamed.model.layers.parameters())
+    assert not any(p.is_meta for n, p in streamed.named_parameters() if not n.startswith("model.layers."))
+    compress(model, calibration=ids, out_dir=tmp_path / "memory", **OPTIONS)
+    report = compress(streamed, calibration=ids, out_dir=tmp_path / "streamed", block_weights=weights, **OPTIONS)
+    assert len(report.layers) == 21 and "load" in report.timings
+    a, b = model.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, streamed(ids).logits)
+
+
+def test_streamed_run_resumes(tmp_path):
+    ids = token_batch(2, 32)
+    reference, folder = _saved(tmp_path)
+    compress(reference, calibration=ids, out_dir=tmp_path / "straight", **OPTIONS)
+
+    def stop(index, _records):
+        if index == 1:
+            raise _Interrupt
+
+    model, weights = open_streaming(folder)
+    with pytest.raises(_Interrupt):
+        compress(model, calibration=ids, out_dir=tmp_path / "run", block_weights=weights, on_block_end=stop,
+                 **OPTIONS)
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["completed_blocks"] == 2
+    model, weights = open_streaming(folder)
+    report = compress(model, calibration=ids, out_dir=tmp_path / "run", block_weights=weights, **OPTIONS)
+    assert report.resumed_blocks == 2
+    a, b = reference.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, weights = open_streaming(folder)
+    with pytest.raises(ResumeMismatch):
+        compress(model, calibration=ids, out_dir=tmp_path / "run", block_weights=weights, **{**OPTIONS, "rank": 2})
+
+
+def test_streaming_errors_are_clear(tmp_path):
+    _, folder = _saved(tmp_path)
+    model, weights = open_streaming(folder)
+    with pytest.raises(ValueError, match="needs out_dir"):
+        compress(model, calibration=token_batch(1, 16), block_weights=weights, **OPTIONS)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        open_streaming(tmp_path)
+    (folder / "model.safetensors").rename(folder / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        open_streaming(folder)
