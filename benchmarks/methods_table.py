@@ -1,7 +1,7 @@
 """Perplexity of every compression method on one model, in one table (the paper's Table 1 setting).
 
-Rows: dense, magnitude, Wanda, SparseGPT, OATS, HASSLE-free (Adam P2) and HASSLE-free-exact,
-each compressing every linear layer of every decoder block of a freshly loaded model, in two
+Rows: dense, magnitude, Wanda, SparseGPT, OATS, HASSLE-free (Adam P2), HASSLE-free-exact and
+HASSLE-free-fast, each compressing every linear layer of every decoder block of a freshly loaded model, in two
 settings:
 
   (a) 2:4 + rank 64 for the sparse + low-rank methods; the pruning-only baselines run at 2:4
@@ -11,8 +11,9 @@ settings:
 
 Columns: WikiText-2, PTB and C4 perplexity (SparseGPT protocol) and the parameters stored by the
 compressed linear layers. Calibration: random C4 windows from documents 1100-1999. Each finished
-row is cached under .cache/methods_table/ (keyed by its settings, not by the code: --fresh after
-changing the code), so a rerun of the same command skips it. The table goes
+row is kept as a small JSON file under benchmarks/results/methods_table_rows/ (keyed by its
+settings, not by the code: --fresh after changing the code), so a rerun of the same command, even
+in a later checkout, skips it and a long table can be filled in several sittings. The table goes
 to stdout, one JSON line to benchmarks/results/methods_table.jsonl (or --results).
 
     python benchmarks/methods_table.py --model smollm2 --nsamples 128 --seqlen 2048 --iterations 80
@@ -43,8 +44,8 @@ from hasslefree.pipeline import DEFAULT_SKIP, compress, prepare
 logger = logging.getLogger("methods_table")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "methods_table.jsonl"
-CACHE = ROOT / ".cache" / "methods_table"
-METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "oats", "hassle-free", "hassle-free-exact"]
+CACHE = ROOT / "benchmarks" / "results" / "methods_table_rows"
+METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "oats", "hassle-free", "hassle-free-exact", "hassle-free-fast"]
 DATASETS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 SETTINGS = {"a": "(a) 2:4 + rank {rank}", "b": "(b) 2:8, rho = {rho}"}
 MODEL_NOTES = {"smollm2": "SmolLM2-135M-Instruct; weights 4-bit (Q4_1 GGUF) quantised, dequantised to fp32",
