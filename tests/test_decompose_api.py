@@ -101,3 +101,14 @@ def test_stacked_group_gives_the_same_masks_and_factors_as_separate_solves(metho
         torch.testing.assert_close(stacked[name].sparse, alone.sparse, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(stacked[name].U @ stacked[name].V.T, alone.U @ alone.V.T, rtol=1e-8, atol=1e-9)
         assert stacked[name].history == pytest.approx(alone.history, rel=1e-9)
+
+
+def test_clock_splits_the_time_between_the_steps():
+    weight, hessian = correlated_problem(24, 32, seed=2)
+    clock: dict[str, float] = {}
+    result = hf.decompose_layer(weight, hessian, "2:4", 3, "hassle-free-fast", iterations=3, clock=clock)
+    assert set(clock) == {"prepare", "P1", "P2", "objective"}
+    assert all(v > 0 for v in clock.values()) and sum(clock.values()) <= result.seconds * 1.01
+    group_clock: dict[str, float] = {}
+    hf.decompose_group({"a": weight, "b": weight[:8]}, hessian, rank=0, method="sparsegpt", clock=group_clock)
+    assert set(group_clock) == {"prepare", "P1"}

@@ -10,8 +10,10 @@ result as separate calls with a fraction of the per-column overhead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -54,6 +56,7 @@ def alternate_many(
     lowrank_options: dict | None = None,
     warm: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     stack: bool = False,
+    clock: dict[str, float] | None = None,
 ) -> list[LoopResult]:
     """Minimise tr((W − S − UVᵀ) H (W − S − UVᵀ)ᵀ), S in ``pattern``, rank(UVᵀ) ≤ r, per layer.
 
@@ -64,14 +67,16 @@ def alternate_many(
 
     With ``stack`` the P1 targets of the still-active layers are concatenated row-wise into
     one solver call (only valid for row-separable solvers and patterns); each layer keeps its
-    own P2, objective history, best iterate and early stop.
+    own P2, objective history, best iterate and early stop. ``clock`` (if given) accumulates
+    the seconds spent in P1, P2 and the objective under the keys "P1", "P2", "objective".
     """
     prune_options = prune_options or {}
     lowrank_options = lowrank_options or {}
     generators = generators or [None] * len(weights)
     h = hessian.raw.to(weights[0].dtype)
     if lowrank is None or all(r == 0 for r in ranks):
-        sparse = _prune_all(weights, hessian, pattern, prune, prune_options, stack, previous=None)
+        with _timed(clock, "P1"):
+            sparse = _prune_all(weights, hessian, pattern, prune, prune_options, stack, previous=None)
         return [LoopResult(s, w.new_zeros(w.shape[0], 0), w.new_zeros(w.shape[1], 0),
                            [residual_objective(w - s, h)], 1) for w, s in zip(weights, sparse)]
 
@@ -83,16 +88,20 @@ def alternate_many(
         if not active:
             break
         if start == "sparse":
-            _prune_step(active, hessian, pattern, prune, prune_options, stack, iteration)
-        for st in active:
-            st.factors = lowrank(st.weight - st.sparse, hessian, st.rank, warm=st.factors,
-                                 iteration=iteration, generator=st.generator, **lowrank_options)
+            with _timed(clock, "P1"):
+                _prune_step(active, hessian, pattern, prune, prune_options, stack, iteration)
+        with _timed(clock, "P2"):
+            for st in active:
+                st.factors = lowrank(st.weight - st.sparse, hessian, st.rank, warm=st.factors,
+                                     iteration=iteration, generator=st.generator, **lowrank_options)
         if start == "lowrank":
-            _prune_step(active, hessian, pattern, prune, prune_options, stack, iteration)
-        for st in active:
-            st.record(residual_objective(st.weight - st.sparse - _product(st.factors, st.weight), h),
-                      iteration, tolerance, patience)
-            st.timeline.append(time.perf_counter() - began)
+            with _timed(clock, "P1"):
+                _prune_step(active, hessian, pattern, prune, prune_options, stack, iteration)
+        with _timed(clock, "objective"):
+            for st in active:
+                st.record(residual_objective(st.weight - st.sparse - _product(st.factors, st.weight), h),
+                          iteration, tolerance, patience)
+                st.timeline.append(time.perf_counter() - began)
     return [st.best for st in states]
 
 
@@ -170,3 +179,14 @@ def _prune_all(targets, hessian, pattern, prune, prune_options, stack, previous)
 
 def _product(factors: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor) -> torch.Tensor:
     return factors[0] @ factors[1].mT if factors is not None else torch.zeros_like(like)
+
+
+@contextlib.contextmanager
+def _timed(clock: dict[str, float] | None, key: str) -> Iterator[None]:
+    """Add the block's wall time to ``clock[key]`` (nothing when there is no clock)."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        if clock is not None:
+            clock[key] = clock.get(key, 0.0) + time.perf_counter() - began

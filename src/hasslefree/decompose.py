@@ -83,6 +83,7 @@ def decompose_layer(
     sparse_options: dict | None = None,
     lowrank_options: dict | None = None,
     name: str = "layer",
+    clock: dict[str, float] | None = None,
 ) -> Decomposition:
     """Decompose one linear layer's weight (out x in) into sparse + low rank.
 
@@ -93,16 +94,18 @@ def decompose_layer(
     ``start`` override its parts, so any P1 can be combined with any P2. ``tolerance``
     (default: the method's) stops early once the best objective improves by less than that
     fraction over ``patience`` iterations. Every argument is checked before any work is done.
+    ``clock`` (a dict) accumulates seconds per stage: "prepare" (H), "P1", "P2", "objective".
     """
     settings = dict(pattern=pattern, rank=rank, method=method, iterations=iterations, seed=seed,
                     sparse_solver=sparse_solver, lowrank_solver=lowrank_solver, start=start,
                     tolerance=tolerance, patience=patience, sparse_options=sparse_options,
-                    lowrank_options=lowrank_options)
+                    lowrank_options=lowrank_options, clock=clock)
     raw = hessian.raw if isinstance(hessian, PreparedHessian) else hessian
     _validate(weight, raw, pattern, rank, method, iterations, sparse_solver, lowrank_solver, start, name)
     began = time.perf_counter()
     prepared = (hessian if isinstance(hessian, PreparedHessian) else
                 prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype))
+    _add(clock, "prepare", began)
     return _run({name: weight}, prepared, settings, stack=False, began=began)[name]
 
 
@@ -132,12 +135,18 @@ def decompose_group(
                   settings["start"], name)
     began = time.perf_counter()
     prepared = prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype)
+    _add(settings["clock"], "prepare", began)
     return _run(dict(weights), prepared, settings, stack=stack, began=began)
+
+
+def _add(clock: dict[str, float] | None, key: str, began: float) -> None:
+    if clock is not None:
+        clock[key] = clock.get(key, 0.0) + time.perf_counter() - began
 
 
 _DEFAULTS = dict(pattern="2:4", rank=64, method="hassle-free", iterations=None, seed=0,
                  sparse_solver=None, lowrank_solver=None, start=None, tolerance=None, patience=5,
-                 sparse_options=None, lowrank_options=None)
+                 sparse_options=None, lowrank_options=None, clock=None)
 _ROW_SEPARABLE = {"magnitude", "wanda", "sparsegpt"}
 
 
@@ -174,6 +183,7 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
             prune_options={**spec.sparse_options, **(settings["sparse_options"] or {})},
             lowrank_options={**spec.lowrank_options, **(settings["lowrank_options"] or {})},
             stack=len(members) > 1,
+            clock=settings["clock"],
         )
         results.update(zip(members, loop))
     seconds = time.perf_counter() - began

@@ -135,6 +135,7 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {stage: 0.0 for stage in STAGES}
+        self.decompose_parts: dict[str, float] = {}  # inside "decompose": prepare, P1, P2, objective
         self._began = time.perf_counter()
 
     @contextlib.contextmanager
@@ -147,6 +148,7 @@ class StageTimer:
 
     def summary(self) -> dict[str, float]:
         return {**{k: round(v, 4) for k, v in self.seconds.items()},
+                **{f"decompose.{k}": round(v, 4) for k, v in self.decompose_parts.items()},
                 "total": round(time.perf_counter() - self._began, 4)}
 
 

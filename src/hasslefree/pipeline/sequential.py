@@ -210,7 +210,7 @@ def _decompose(block: nn.Module, group: tuple[TargetLayer, ...], hessian: torch.
             torch.cuda.reset_peak_memory_stats(device)
         with timer.stage("decompose"):
             found = decompose_group(weights, hessian, seed=options.seed, **settings.engine_options(),
-                                    **options.engine_options)
+                                    **options.engine_options, clock=timer.decompose_parts)
         results.update({t: found[t.name] for t in targets})
     return results
 
