@@ -33,6 +33,7 @@ from hasslefree.checkpoint.encoding import (
     unpack_bits,
 )
 from hasslefree.nn import SparseLowRankLinear, replace_linear
+from tiny_models import random_prune, tiny_compressed_llama
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -41,56 +42,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def bits(t: Tensor) -> Tensor:
     """Integer view so comparisons see -0.0, NaN payloads and every mantissa bit."""
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def prune(w: Tensor, pattern: str, g: torch.Generator) -> Tensor:
-    """Random (not magnitude) pruning to ``pattern``, then extra zeros so some groups hold < N."""
-    p = parse_pattern(pattern)
-    if p.kind == "nm":
-        out_f, in_f = w.shape
-        pad = (-in_f) % p.m
-        scores = torch.rand(out_f, (in_f + pad) // p.m, p.m, generator=g)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(p.n, -1).indices, True)
-        keep = keep.reshape(out_f, -1)[:, :in_f]
-    else:
-        keep = torch.rand(w.shape, generator=g) < 0.3
-    keep &= torch.rand(w.shape, generator=g) > 0.2  # groups with fewer than N nonzeros
-    if w.shape[0] > 2:
-        keep[1] = False  # an all-zero row
-    w = torch.where(keep, w, torch.zeros_like(w))
-    return torch.where(w == 0, torch.zeros_like(w), w)  # no -0.0 (it decodes as +0.0)
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """Tiny random Llama with 2:4 + rank 8, unstructured + rank 4 and a rank-0 layer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        attention_bias=True,
-        tie_word_embeddings=True,
-    )
-    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
-    g = torch.Generator().manual_seed(seed)
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Linear) or name == "lm_head":
-            continue
-        two_four = ("layers.0.self_attn" in name) or ("layers.1.mlp" in name)
-        pattern = "2:4" if two_four else "unstructured"
-        rank = 0 if name.endswith("layers.1.mlp.down_proj") else (8 if two_four else 4)
-        w = mod.weight.detach().float()
-        U = torch.randn(w.shape[0], rank, generator=g) * 0.05
-        V = torch.randn(w.shape[1], rank, generator=g) * 0.05
-        b = None if mod.bias is None else mod.bias.detach().float() + 0.01
-        new = SparseLowRankLinear.from_linear_parts(prune(w, pattern, g), U, V, b, pattern=pattern).to(dtype)
-        replace_linear(model, name, new)
-    return model.eval()
 
 
 def logits(model: nn.Module, seed: int = 1) -> Tensor:
@@ -111,7 +62,7 @@ def test_codec_round_trip_bit_exact(pattern: str, dtype: torch.dtype) -> None:
     for shape in SHAPES:
         w = torch.randn(shape, generator=g) * 3
         w.view(-1)[:3] = torch.tensor([float("inf"), 1e-39, -2.5e-42])[: w.numel()]  # inf, subnormals
-        w = prune(w.to(dtype), pattern, g)
+        w = random_prune(w.to(dtype), pattern, g)
         enc = encode_sparse(w, pattern)
         nnz = int((w != 0).sum())
         specs = sparse_tensor_specs(pattern, shape, dtype, nnz)
@@ -135,11 +86,11 @@ def test_bit_packing_layout(nbits: int) -> None:
 
 
 def test_nm_storage_is_compact() -> None:
-    w = prune(torch.randn(64, 256), "2:4", torch.Generator().manual_seed(0)).bfloat16()
+    w = random_prune(torch.randn(64, 256), "2:4", torch.Generator().manual_seed(0)).bfloat16()
     enc = encode_sparse(w, "2:4")
     assert enc["values"].numel() == 64 * 128 and enc["indices"].dtype == torch.uint8
     assert enc["indices"].numel() == 64 * 128 * 2 // 8  # 2 bits per kept value
-    enc38 = encode_sparse(prune(torch.randn(8, 64), "3:8", torch.Generator().manual_seed(0)), "3:8")
+    enc38 = encode_sparse(random_prune(torch.randn(8, 64), "3:8", torch.Generator().manual_seed(0)), "3:8")
     assert enc38["indices"].numel() == math.ceil(8 * 8 * 3 * 3 / 8)  # 3 bits per kept value
     csr = encode_sparse(torch.eye(40000, 3).T.contiguous(), "unstructured")
     assert csr["col_indices"].dtype == torch.int32  # width > 32768 needs int32
@@ -159,7 +110,7 @@ def test_codec_rejects_violations_and_corruption() -> None:
         encode_sparse(torch.ones(2, 8), "2:4")
     with pytest.raises(ValueError, match="unknown sparsity pattern"):
         parse_pattern("50%")
-    w = prune(torch.randn(4, 16), "3:8", torch.Generator().manual_seed(0))
+    w = random_prune(torch.randn(4, 16), "3:8", torch.Generator().manual_seed(0))
     enc = encode_sparse(w, "3:8")
     enc["indices"] = torch.zeros_like(enc["indices"])  # every position 0: not strictly increasing
     with pytest.raises(ValueError, match="corrupted"):
@@ -169,7 +120,7 @@ def test_codec_rejects_violations_and_corruption() -> None:
 # ----------------------------------------------------------------- save / load
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_load_bit_identical(tmp_path: Path, dtype: torch.dtype) -> None:
-    model = tiny_llama(dtype)
+    model = tiny_compressed_llama(dtype)
     ref = logits(model)
     save_compressed(model, tmp_path, run_config={"method": "hasslefree", "pattern": "2:4", "rank_policy": "fixed:8"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hasslefree_config.json", "model.safetensors"]
@@ -192,7 +143,7 @@ def test_save_load_bit_identical(tmp_path: Path, dtype: torch.dtype) -> None:
 
 
 def test_mixed_dtypes_kept(tmp_path: Path) -> None:
-    model = tiny_llama(torch.bfloat16)
+    model = tiny_compressed_llama(torch.bfloat16)
     model.model.norm.weight.data = torch.rand(64, dtype=torch.float32)
     save_compressed(model, tmp_path)
     loaded = load_compressed(tmp_path)
@@ -206,7 +157,7 @@ def test_tokenizer_saved(tmp_path: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
-    save_compressed(tiny_llama(), tmp_path, tokenizer=tok)
+    save_compressed(tiny_compressed_llama(), tmp_path, tokenizer=tok)
     cfg = json.loads((tmp_path / "hasslefree_config.json").read_text())
     assert "tokenizer.json" in cfg["tokenizer_files"] and (tmp_path / "tokenizer.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
@@ -246,7 +197,7 @@ class ScaledLinearCodec(ModuleCodec):
 
 def test_registry_plugs_in_new_module_type(tmp_path: Path) -> None:
     register_codec(ScaledLinear, ScaledLinearCodec())
-    model = tiny_llama()
+    model = tiny_compressed_llama()
     old = model.model.layers[1].self_attn.o_proj
     replace_linear(model, "model.layers.1.self_attn.o_proj", ScaledLinear(old.to_dense(), torch.rand(64) + 0.5))
     ref = logits(model)
@@ -270,7 +221,7 @@ def test_stories260k_round_trip(tmp_path: Path) -> None:
         if isinstance(mod, nn.Linear) and name != "lm_head":
             w = mod.weight.detach()
             U, V = torch.randn(w.shape[0], 4, generator=g) * 0.01, torch.randn(w.shape[1], 4, generator=g) * 0.01
-            new = SparseLowRankLinear.from_linear_parts(prune(w, "2:4", g), U, V, pattern="2:4")
+            new = SparseLowRankLinear.from_linear_parts(random_prune(w, "2:4", g), U, V, pattern="2:4")
             replace_linear(model, name, new)
     save_compressed(model, tmp_path, {"method": "test"}, tokenizer=tok)
     ids = torch.tensor([tok.encode("Once upon a time")])
@@ -281,7 +232,7 @@ def test_stories260k_round_trip(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- errors
 @pytest.fixture()
 def saved(tmp_path: Path) -> Path:
-    save_compressed(tiny_llama(), tmp_path)
+    save_compressed(tiny_compressed_llama(), tmp_path)
     return tmp_path
 
 
@@ -419,7 +370,7 @@ def test_scaled_down_measured_ratio(tmp_path: Path) -> None:
         if isinstance(mod, nn.Linear):
             w = mod.weight.detach().float()
             U, V = torch.randn(w.shape[0], 2, generator=g), torch.randn(w.shape[1], 2, generator=g)
-            new = SparseLowRankLinear.from_linear_parts(prune(w, "2:4", g), U, V, pattern="2:4")
+            new = SparseLowRankLinear.from_linear_parts(random_prune(w, "2:4", g), U, V, pattern="2:4")
             replace_linear(model, name, new.to(torch.bfloat16))
     save_compressed(model, tmp_path)
     info = checkpoint_info(tmp_path)

@@ -22,43 +22,9 @@ from torch import Tensor, nn
 
 from hasslefree.checkpoint import export_dense, export_peft, save_compressed
 from hasslefree.nn import SparseLowRankLinear, replace_linear
+from tiny_models import tiny_compressed_llama
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def tiny_compressed_llama(seed: int = 0) -> nn.Module:
-    """Tiny random fp32 Llama: 2:4 rank 8, unstructured rank 4 and a rank-0 layer (ranks differ)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        attention_bias=True,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    g = torch.Generator().manual_seed(seed)
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Linear) or name == "lm_head":
-            continue
-        w = mod.weight.detach()
-        if "layers.0" in name:
-            groups = w.reshape(w.shape[0], -1, 4)
-            keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, -1).indices, True)
-            sparse, pattern, rank = torch.where(keep, groups, 0).reshape_as(w), "2:4", 8
-        else:
-            sparse, pattern, rank = torch.where(torch.rand(w.shape, generator=g) < 0.4, w, 0), "unstructured", 4
-        if name.endswith("layers.1.mlp.down_proj"):
-            rank = 0
-        U = torch.randn(w.shape[0], rank, generator=g) * 0.1
-        V = torch.randn(w.shape[1], rank, generator=g) * 0.1
-        bias = None if mod.bias is None else mod.bias.detach() + 0.05
-        replace_linear(model, name, SparseLowRankLinear.from_linear_parts(sparse, U, V, bias, pattern))
-    return model.eval()
 
 
 def run(model: nn.Module) -> Tensor:
@@ -69,7 +35,7 @@ def run(model: nn.Module) -> Tensor:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
-    model = tiny_compressed_llama()
+    model = tiny_compressed_llama(tied=False)
     directory = tmp_path_factory.mktemp("ckpt")
     save_compressed(model, directory)
     return model, directory
@@ -94,7 +60,7 @@ def test_export_dense_loads_in_plain_transformers(compressed: tuple[nn.Module, P
 
 
 def test_export_from_model_leaves_it_unchanged(tmp_path: Path) -> None:
-    model = tiny_compressed_llama(seed=1)
+    model = tiny_compressed_llama(seed=1, tied=False)
     before = run(model)
     export_dense(model, tmp_path / "dense")
     export_peft(model, tmp_path / "peft")
@@ -130,8 +96,8 @@ def test_adapter_layout_matches_peft(compressed: tuple[nn.Module, Path], tmp_pat
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"]
     assert "model.layers.1.mlp.down_proj" not in cfg["target_modules"]  # rank 0: no adapter
-    assert cfg["r"] == 8  # 7 layers of rank 8, 6 of rank 4: the majority is the default
-    assert set(cfg["rank_pattern"].values()) == {4} and cfg["rank_pattern"] == cfg["alpha_pattern"]
+    assert cfg["r"] == 4  # 7 layers of rank 4, 6 of rank 8: the majority is the default
+    assert set(cfg["rank_pattern"].values()) == {8} and cfg["rank_pattern"] == cfg["alpha_pattern"]
     assert re.escape("model.layers.1.mlp.up_proj") in cfg["rank_pattern"]
     ours = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
 
@@ -150,7 +116,7 @@ def test_export_copies_tokenizer(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
-    save_compressed(tiny_compressed_llama(), tmp_path / "ckpt", tokenizer=tok)
+    save_compressed(tiny_compressed_llama(tied=False), tmp_path / "ckpt", tokenizer=tok)
     export_dense(tmp_path / "ckpt", tmp_path / "dense")
     assert AutoTokenizer.from_pretrained(tmp_path / "dense").convert_tokens_to_ids("a") == 0
 
