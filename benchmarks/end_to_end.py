@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, help="read DIR/report.json of a finished run instead of running")
     parser.add_argument("--wall", type=float, help="with --report: the run's measured wall seconds")
+    parser.add_argument("--command", help="with --report: the command line that made the run")
     parser.add_argument("compress_args", nargs=argparse.REMAINDER, help="arguments after -- go to hasslefree compress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         directory = Path(command[command.index("--out") + 1])
     else:
         wall, directory = args.wall, args.report
+        command = [args.command] if args.command else []
     report = json.loads((directory / "report.json").read_text())
     layers = report["layers"]
     worst = max(layers, key=lambda r: r["relative_objective"])
