@@ -34,3 +34,12 @@ def test_fast_preset_is_at_or_below_the_published_objective():
     for options in [{}, {"lowrank_options": {"randomized": True, "oversample": 8}}]:
         fast = hf.decompose_layer(weight, hessian, "2:4", 4, "hassle-free-exact", iterations=8, **options)
         assert min(fast.history) <= published[-1] * 1.001
+
+
+@pytest.mark.parametrize("shape,rank,seed", [((40, 64), 4, 4), ((36, 52), 6, 5), ((64, 44), 5, 6)])
+def test_fastest_preset_at_its_own_iterations_ends_below_80_published_iterations(shape, rank, seed):
+    weight, hessian = correlated_problem(*shape, tokens=400, seed=seed, dtype=torch.float32)
+    published, _ = official_loop(weight, hessian, rank, 2, 4, iterations=80)
+    fast = hf.decompose_layer(weight, hessian, "2:4", rank, "hassle-free-fast")
+    assert len(fast.history) == hf.PRESETS["hassle-free-fast"].iterations
+    assert min(fast.history) <= published[-1] * 1.001
