@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from hasslefree.checkpoint import load_compressed
 from hasslefree.loading import open_streaming
 from hasslefree.pipeline import ResumeMismatch, compress
 from tiny_models import tiny_llama, token_batch
@@ -36,10 +38,14 @@ def test_streamed_run_equals_in_memory_run(tmp_path, tied):
     compress(model, calibration=ids, out_dir=tmp_path / "memory", **OPTIONS)
     report = compress(streamed, calibration=ids, out_dir=tmp_path / "streamed", block_weights=weights, **OPTIONS)
     assert len(report.layers) == 21 and "load" in report.timings
-    a, b = model.state_dict(), streamed.state_dict()
+    assert all(p.is_meta for p in streamed.model.layers.parameters())  # written block by block, never whole
+    loaded = load_compressed(tmp_path / "streamed")
+    a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, streamed(ids).logits)
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    stored = [load_file(str(tmp_path / run / "model.safetensors")) for run in ("memory", "streamed")]
+    assert stored[0].keys() == stored[1].keys() and all(torch.equal(stored[0][k], stored[1][k]) for k in stored[0])
 
 
 def test_streamed_run_resumes(tmp_path):
@@ -59,7 +65,7 @@ def test_streamed_run_resumes(tmp_path):
     model, weights = open_streaming(folder)
     report = compress(model, calibration=ids, out_dir=tmp_path / "run", block_weights=weights, **OPTIONS)
     assert report.resumed_blocks == 2
-    a, b = reference.state_dict(), model.state_dict()
+    a, b = reference.state_dict(), load_compressed(tmp_path / "run").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     model, weights = open_streaming(folder)
     with pytest.raises(ResumeMismatch):

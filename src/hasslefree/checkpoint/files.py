@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from hasslefree.checkpoint.errors import CheckpointError
 
@@ -32,7 +31,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "HeaderEntry",
     "atomic_write",
-    "save_tensors_atomic",
     "write_json_atomic",
     "read_safetensors_header",
     "read_checkpoint_config",
@@ -80,11 +78,6 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Atomically write a safetensors file."""
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -37,9 +37,9 @@ from hasslefree.checkpoint.files import (
     open_tensors,
     read_checkpoint_config,
     read_safetensors_header,
-    save_tensors_atomic,
     write_json_atomic,
 )
+from hasslefree.checkpoint.incremental import IncrementalSafetensors
 from hasslefree.checkpoint.registry import codec_for_kind, codec_for_module
 from hasslefree.nn import replace_linear
 
@@ -68,38 +68,57 @@ def library_versions() -> dict[str, str]:
     return {"hasslefree": ours, "torch": torch.__version__, "transformers": transformers.__version__, "safetensors": st}
 
 
-def _encode_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, str]]:
-    """Split the model into codec-encoded layers and plain tensors (shared ones recorded as aliases)."""
-    tensors: dict[str, torch.Tensor] = {}
-    layers: list[dict[str, Any]] = []
-    prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p) for p in prefixes):
+class BlockStream(Protocol):
+    """Where a streamed model's blocks are: ``path`` in the model, and how to fetch/drop one."""
+
+    path: str
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, block: nn.Module) -> None: ...
+
+
+def _write_tree(writer: IncrementalSafetensors, root: nn.Module, prefix: str, layers: list[dict[str, Any]],
+                aliases: dict[str, str]) -> None:
+    """Write ``root``'s tensors under ``prefix``: compressed layers by their codec, the rest as is
+    (a tensor sharing storage with one already written, such as tied embeddings, becomes an alias)."""
+    compressed: list[str] = []
+    for name, module in root.named_modules():
+        if any(name.startswith(p) for p in compressed):
             continue
         codec = codec_for_module(module)
         if codec is None:
             continue
-        if not name:
+        if not name and not prefix:
             raise ValueError("the root module itself cannot be a compressed layer")
+        full = prefix + name
         encoded, meta = codec.encode(module)
-        stored = 0
-        for rel, t in encoded.items():
-            tensors[f"{name}.{rel}"] = t.detach().to("cpu").contiguous()
-            stored += t.numel() * t.element_size()
-        layers.append({"name": name, "kind": codec.kind, **meta, "stored_bytes": stored})
-        prefixes.append(name + ".")
-    aliases: dict[str, str] = {}
+        stored = sum(writer.add(f"{full}.{rel}", t) for rel, t in encoded.items())
+        layers.append({"name": full, "kind": codec.kind, **meta, "stored_bytes": stored})
+        compressed.append(name + ".")
     seen: dict[tuple[Any, ...], str] = {}
-    for key, t in model.state_dict().items():
-        if any(key.startswith(p) for p in prefixes):
+    for key, t in root.state_dict().items():
+        if any(key.startswith(p) for p in compressed):
             continue
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if ident in seen:
-            aliases[key] = seen[ident]
+            aliases[prefix + key] = seen[ident]
             continue
-        seen[ident] = key
-        tensors[key] = t.detach().to("cpu").contiguous()
-    return tensors, layers, aliases
+        seen[ident] = prefix + key
+        writer.add(prefix + key, t)
+
+
+@contextlib.contextmanager
+def _blocks_detached(model: nn.Module, path: str) -> Iterator[nn.ModuleList]:
+    """The model without its block list for the duration (so its tensors are not visited)."""
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = parent._modules[attr]
+    parent._modules[attr] = nn.ModuleList()
+    try:
+        yield blocks
+    finally:
+        parent._modules[attr] = blocks
 
 
 def _volatile_buffer_dtypes(model: nn.Module) -> dict[str, str]:
@@ -146,22 +165,37 @@ def _save_tokenizer(tokenizer: Any, directory: Path) -> list[str]:
 
 
 def save_compressed(
-    model: nn.Module, directory: str | os.PathLike[str], run_config: dict[str, Any] | None = None, tokenizer: Any = None
+    model: nn.Module, directory: str | os.PathLike[str], run_config: dict[str, Any] | None = None, tokenizer: Any = None,
+    *, blocks: BlockStream | None = None,
 ) -> Path:
-    """Write ``model`` (an HF causal LM with compressed layers) to ``directory``; return the path."""
+    """Write ``model`` (an HF causal LM with compressed layers) to ``directory``; return the path.
+
+    Tensors go to disk one at a time. With ``blocks`` the decoder blocks are not in memory:
+    each is fetched, written and dropped in turn, so memory holds one block.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "to_json_string"):
         raise TypeError("save_compressed needs a transformers PreTrainedModel (with .config)")
 
-    tensors, layers, aliases = _encode_model(model)
+    layers: list[dict[str, Any]] = []
+    aliases: dict[str, str] = {}
+    weights_path = directory / WEIGHTS_NAME
+    with IncrementalSafetensors(weights_path, {"format": "pt", "hasslefree_format_version": str(FORMAT_VERSION)}) as out:
+        if blocks is None:
+            _write_tree(out, model, "", layers, aliases)
+        else:
+            with _blocks_detached(model, blocks.path) as block_list:
+                _write_tree(out, model, "", layers, aliases)
+            for index, block in enumerate(block_list):
+                blocks.load(index, block)
+                _write_tree(out, block, f"{blocks.path}.{index}.", layers, aliases)
+                blocks.release(block)
     if not layers:
         logger.warning("saving a model with no compressed layers to %s", directory)
     run = dict(run_config or {})
     patterns = sorted({layer.get("pattern", "?") for layer in layers})
-    weights_path = directory / WEIGHTS_NAME
-    save_tensors_atomic(tensors, weights_path, {"format": "pt", "hasslefree_format_version": str(FORMAT_VERSION)})
     tokenizer_files = _save_tokenizer(tokenizer, directory) if tokenizer is not None else []
     config = {
         "format": FORMAT_NAME,

@@ -124,8 +124,9 @@ def compress(
     block is checkpointed and re-running the same call resumes; the report, its plot and
     the compressed model are written there. ``engine_options`` go to ``decompose_group``.
     ``block_weights`` (from :func:`hasslefree.loading.open_streaming`, which leaves the blocks
-    on the meta device) streams the blocks in one at a time; it needs ``out_dir``, and the
-    compressed blocks are read back from there only to write the final model.
+    on the meta device) streams the blocks in one at a time; it needs ``out_dir``, the final
+    model is written there block by block too, and ``model``'s blocks stay on the meta device
+    (load the result with :func:`hasslefree.checkpoint.load_compressed`).
 
     HSS methods (``shss``, ``shss-rcm``, ``shss-whitened``, ``shss-rcm-whitened``) replace a
     layer by :class:`hasslefree.hss.HSSLinear`, built as ``hss`` (:class:`HSSOptions` or a
@@ -168,7 +169,7 @@ def compress(
     try:
         records, resumed = run_sequential(model, plan, calibration, device=device, options=options, timer=timer,
                                           store=store, on_block_end=on_block_end, weights=block_weights)
-        if block_weights is not None:  # the finished model, one compressed block after another
+        if block_weights is not None and dense:  # a plain HF folder needs the whole model in memory
             with timer.stage("assemble"):
                 for index, block in enumerate(plan.architecture.block_list(model)):
                     store.load_block(index, block)  # type: ignore[union-attr]
@@ -180,8 +181,23 @@ def compress(
                                cuda_peak_mb=cuda_peak_mb(device))
     logger.info("%s", report.summary())
     if out_dir is not None:
-        _write_outputs(model, tokenizer, Path(out_dir), report, dense)
+        streamed = None if block_weights is None or dense else _StreamedBlocks(plan.architecture.blocks, store,
+                                                                                block_weights)
+        _write_outputs(model, tokenizer, Path(out_dir), report, dense, streamed)
     return report
+
+
+class _StreamedBlocks:
+    """The finished blocks, read back one at a time from the run's checkpoints for the final save."""
+
+    def __init__(self, path: str, store: ResumeStore, weights: BlockWeights) -> None:
+        self.path, self.store, self.weights = path, store, weights
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self.store.load_block(index, block)
+
+    def release(self, block: nn.Module) -> None:
+        self.weights.release(block)
 
 
 def _run_config(model, plan, calibration, pattern, rank, method, iterations, overrides, skip, seed, batch_size,
@@ -202,7 +218,8 @@ def _run_config(model, plan, calibration, pattern, rank, method, iterations, ove
     }
 
 
-def _write_outputs(model: nn.Module, tokenizer: Any, out_dir: Path, report: CompressionReport, dense: bool) -> None:
+def _write_outputs(model: nn.Module, tokenizer: Any, out_dir: Path, report: CompressionReport, dense: bool,
+                   streamed: _StreamedBlocks | None = None) -> None:
     """The compressed model (checkpoint format, or a plain HF folder when dense), report and plot."""
     report.save(out_dir)
     report.plot(out_dir / PLOT_NAME)
@@ -216,7 +233,7 @@ def _write_outputs(model: nn.Module, tokenizer: Any, out_dir: Path, report: Comp
     except ImportError:
         logger.warning("hasslefree.checkpoint is not available: the result is only in %s/blocks", out_dir)
         return
-    save_compressed(model, out_dir, run_config=_checkpoint_config(report), tokenizer=tokenizer)
+    save_compressed(model, out_dir, run_config=_checkpoint_config(report), tokenizer=tokenizer, blocks=streamed)
 
 
 def _checkpoint_config(report: CompressionReport) -> dict[str, Any]:
