@@ -4,7 +4,8 @@ from hasslefree.checkpoint import linear_codec as _linear_codec  # noqa: F401  (
 from hasslefree.hss import codec as _hss_codec  # noqa: F401  (registers HSSLinear's codec)
 from hasslefree.checkpoint.errors import CheckpointError
 from hasslefree.checkpoint.export import export_dense, export_peft
-from hasslefree.checkpoint.format import load_compressed, save_compressed
+from hasslefree.checkpoint.format import load_compressed
+from hasslefree.checkpoint.save import save_compressed
 from hasslefree.checkpoint.info import checkpoint_info, estimate_compression, format_info, info_command
 from hasslefree.checkpoint.registry import (
     ModuleCodec,
