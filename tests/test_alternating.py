@@ -123,3 +123,24 @@ def test_early_stop_trades_iterations_for_objective():
     full = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", iterations=200)
     assert early.iterations < full.iterations == 200
     assert early.history == full.history[: early.iterations]
+
+
+def test_support_refits_between_pruning_passes_keep_the_pattern_and_help():
+    """refresh_every=k: P1 prunes on iterations 1, k+1, ...; in between it keeps the support and
+    re-solves S jointly with U. The pattern holds, and on a coupled problem it ends lower."""
+    weight, hessian = correlated_problem(40, 64, seed=8)
+    common = dict(iterations=20, start="sparse", sparse_solver="sparsegpt", lowrank_solver="exact")
+    every = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", **common)
+    pattern = SparsityPattern.parse("2:4")
+    prepared = prepare_hessian(hessian)
+    from hasslefree.alternating import alternate_many
+    from hasslefree.lowrank import LOWRANK_SOLVERS
+    from hasslefree.sparse import SPARSE_SOLVERS
+    [refined] = alternate_many([weight.float()], prepared, pattern, [6], prune=SPARSE_SOLVERS["sparsegpt"],
+                               lowrank=LOWRANK_SOLVERS["exact"], iterations=20, refresh_every=5)
+    groups = (refined.sparse != 0).reshape(40, -1, 4).sum(-1)
+    assert bool((groups <= 2).all())
+    assert min(refined.history) < min(every.history)
+    with pytest.raises(ValueError, match="refresh_every"):
+        alternate_many([weight.float()], prepared, pattern, [6], prune=SPARSE_SOLVERS["sparsegpt"],
+                       lowrank=LOWRANK_SOLVERS["exact"], iterations=2, refresh_every=0)

@@ -142,3 +142,20 @@ def test_sparsegpt_refit_keeps_the_mask_and_reaches_the_support_optimum(spec):
     objective = [residual_objective(goal - s, damped) for s in (plain, short, full)]
     assert objective[2] <= objective[1] <= objective[0] * (1 + 1e-6)
     assert objective[2] < objective[0]
+
+
+def test_refit_with_a_low_rank_basis_solves_the_joint_problem():
+    """With a basis V, S on the support and a free U jointly minimise tr(E H Eᵀ), E = T − S − U Vᵀ:
+    per row a least-squares problem in (s on the support, u), solved directly in float64."""
+    weight, hessian = correlated_problem(7, 23, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    basis = torch.randn(23, 3, generator=gen, dtype=torch.float64)
+    mask = SparsityPattern.parse("2:4").mask_from_scores(torch.rand(7, 23, generator=gen, dtype=torch.float64)[:, :20])
+    mask = torch.cat([mask, torch.zeros(7, 3, dtype=torch.bool)], dim=1)  # 20 = 5 groups; 3 pruned columns
+    fitted = refit_on_support(weight, hessian, mask, iterations=300, tolerance=1e-30, basis=basis)
+    assert not bool(fitted[~mask].any())
+    for r in range(7):
+        cols = mask[r].nonzero().squeeze(1)
+        design = torch.cat([torch.eye(23, dtype=torch.float64)[cols], basis.mT])  # (k + 3) x 23
+        coef = torch.linalg.solve(design @ hessian @ design.mT, design @ hessian @ weight[r])
+        torch.testing.assert_close(fitted[r, cols], coef[: len(cols)], rtol=1e-6, atol=1e-8)

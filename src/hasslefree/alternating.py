@@ -22,6 +22,7 @@ import torch
 from hasslefree.hessian import PreparedHessian
 from hasslefree.objective import residual_objective
 from hasslefree.patterns import SparsityPattern
+from hasslefree.sparse.refit import refit_on_support
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def alternate_many(
     warm: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     stack: bool = False,
     clock: dict[str, float] | None = None,
+    refresh_every: int = 1,
+    refine_iterations: int = 6,
 ) -> list[LoopResult]:
     """Minimise tr((W − S − UVᵀ) H (W − S − UVᵀ)ᵀ), S in ``pattern``, rank(UVᵀ) ≤ r, per layer.
 
@@ -69,7 +72,15 @@ def alternate_many(
     one solver call (only valid for row-separable solvers and patterns); each layer keeps its
     own P2, objective history, best iterate and early stop. ``clock`` (if given) accumulates
     the seconds spent in P1, P2 and the objective under the keys "P1", "P2", "objective".
+
+    With ``refresh_every`` = k > 1 the P1 solver runs on iterations 1, k + 1, 2k + 1, ...;
+    in between, P1 keeps the last support and re-solves its weights jointly with U for the
+    current V (``refine_iterations`` PCG steps, U eliminated). Once the support settles this
+    costs less than a pruning pass and removes the slow zig-zag between S and U.
     """
+    if refresh_every < 1 or refine_iterations < 1:
+        raise ValueError(f"refresh_every and refine_iterations must be >= 1, got {refresh_every} "
+                         f"and {refine_iterations}")
     prune_options = prune_options or {}
     lowrank_options = lowrank_options or {}
     generators = generators or [None] * len(weights)
@@ -87,16 +98,19 @@ def alternate_many(
         active = [st for st in states if not st.stopped]
         if not active:
             break
+        refresh = iteration == 1 or (iteration - 1) % refresh_every == 0
         if start == "sparse":
             with _timed(clock, "P1"):
-                _prune_step(active, hessian, pattern, prune, prune_options, stack, iteration)
+                _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration,
+                             refresh, refine_iterations)
         with _timed(clock, "P2"):
             for st in active:
                 st.factors = lowrank(st.weight - st.sparse, hessian, st.rank, warm=st.factors,
                                      iteration=iteration, generator=st.generator, **lowrank_options)
         if start == "lowrank":
             with _timed(clock, "P1"):
-                _prune_step(active, hessian, pattern, prune, prune_options, stack, iteration)
+                _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration,
+                             refresh, refine_iterations)
         with _timed(clock, "objective"):
             for st in active:
                 st.record(residual_objective(st.weight - st.sparse - _product(st.factors, st.weight), h),
@@ -160,12 +174,18 @@ class _LayerState:
                 self.stopped = True
 
 
-def _prune_step(active, hessian, pattern, prune, prune_options, stack, iteration) -> None:
-    targets = [st.weight - _product(st.factors, st.weight) for st in active]
-    previous = [st.sparse for st in active] if iteration > 1 else None
-    for st, sparse in zip(active, _prune_all(targets, hessian, pattern, prune, prune_options,
-                                              stack, previous)):
-        st.sparse = sparse
+def _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration, refresh,
+                 refine_iterations) -> None:
+    if refresh or any(st.factors is None for st in active):
+        targets = [st.weight - _product(st.factors, st.weight) for st in active]
+        previous = [st.sparse for st in active] if iteration > 1 else None
+        for st, sparse in zip(active, _prune_all(targets, hessian, pattern, prune, prune_options,
+                                                  stack, previous)):
+            st.sparse = sparse
+        return
+    for st in active:  # keep the support; S and U jointly optimal for the current V
+        st.sparse = refit_on_support(st.weight, hessian.damped, st.sparse != 0, st.sparse,
+                                     iterations=refine_iterations, basis=st.factors[1])
 
 
 def _prune_all(targets, hessian, pattern, prune, prune_options, stack, previous):

@@ -184,6 +184,7 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
             lowrank_options={**spec.lowrank_options, **(settings["lowrank_options"] or {})},
             stack=len(members) > 1,
             clock=settings["clock"],
+            **spec.loop_options,
         )
         results.update(zip(members, loop))
     seconds = time.perf_counter() - began

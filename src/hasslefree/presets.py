@@ -19,6 +19,7 @@ class Method:
     tolerance: float = 0.0  # early stop when the relative improvement over 5 iterations is below
     sparse_options: dict = field(default_factory=dict)
     lowrank_options: dict = field(default_factory=dict)
+    loop_options: dict = field(default_factory=dict)
     description: str = ""
 
     @property
@@ -43,12 +44,13 @@ PRESETS: dict[str, Method] = {m.name: m for m in [
     Method("hassle-free-exact", "sparsegpt", "exact", 80, start="auto",
            description="SparseGPT + the exact P2 (SVD whitened by chol(H)), better start per layer"),
     # The fastest: the exact P2 through a warm-started randomized SVD (thin products only, one
-    # power iteration), and SparseGPT followed by a short PCG refit of the kept weights, which
-    # lowers the objective per iteration enough that 50 iterations beat 80 of the others.
-    Method("hassle-free-fast", "sparsegpt", "exact", 50, start="auto",
-           sparse_options={"refit_iterations": 3},
+    # power iteration); SparseGPT chooses the support every 5th iteration and in between the
+    # kept weights are re-solved jointly with U on that support (6 PCG steps), which both
+    # costs less than a pruning pass and converges in fewer iterations.
+    Method("hassle-free-fast", "sparsegpt", "exact", 35, start="auto",
            lowrank_options={"randomized": True, "power_iterations": 1},
-           description="SparseGPT + refit, randomized warm-started exact P2, 50 iterations"),
+           loop_options={"refresh_every": 5, "refine_iterations": 6},
+           description="SparseGPT every 5th iteration, support refits in between, randomized exact P2, 35 iterations"),
     Method("hassle-free-alps", "alps", "exact", 20, start="auto",
            description="ALPS + the exact P2"),
 ]}
