@@ -172,6 +172,7 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
     for members in groups:
         start = settings["start"] or spec.start
         solve = alternate_auto if start == "auto" else partial(alternate_many, start=start)
+        loop_options = {k: v for k, v in spec.loop_options.items() if start == "auto" or k != "probe"}
         loop = solve(
             [targets[i] for i in members], prepared, patterns[members[0]], [ranks[i] for i in members],
             prune=SPARSE_SOLVERS[sparse_name],
@@ -184,7 +185,7 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
             lowrank_options={**spec.lowrank_options, **(settings["lowrank_options"] or {})},
             stack=len(members) > 1,
             clock=settings["clock"],
-            **spec.loop_options,
+            **loop_options,
         )
         results.update(zip(members, loop))
     seconds = time.perf_counter() - began
