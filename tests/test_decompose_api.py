@@ -112,3 +112,17 @@ def test_clock_splits_the_time_between_the_steps():
     group_clock: dict[str, float] = {}
     hf.decompose_group({"a": weight, "b": weight[:8]}, hessian, rank=0, method="sparsegpt", clock=group_clock)
     assert set(group_clock) == {"prepare", "P1"}
+
+
+def test_loop_options_override_the_preset_and_are_checked_first():
+    weight, hessian = correlated_problem(24, 32, seed=3)
+    base = hf.decompose_layer(weight, hessian, "2:4", 4, "hassle-free-exact", iterations=6, start="sparse")
+    refined = hf.decompose_layer(weight, hessian, "2:4", 4, "hassle-free-exact", iterations=6, start="sparse",
+                                 loop_options={"refresh_every": 3, "refine_iterations": 4})
+    assert base.history[0] == refined.history[0]  # iteration 1 prunes in both
+    assert refined.history[1] != base.history[1]  # iteration 2 refits the support instead
+    with pytest.raises(ValueError, match="unknown loop option 'refresh'"):
+        hf.decompose_layer(weight, hessian, "2:4", 4, "hassle-free-fast", loop_options={"refresh": 2})
+    with pytest.raises(ValueError, match="refine_iterations must be an integer >= 1"):
+        hf.decompose_group({"a": weight}, hessian, rank=4, method="hassle-free-fast",
+                           loop_options={"refine_iterations": 0})

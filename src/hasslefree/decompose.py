@@ -82,6 +82,7 @@ def decompose_layer(
     dtype: torch.dtype = torch.float32,
     sparse_options: dict | None = None,
     lowrank_options: dict | None = None,
+    loop_options: dict | None = None,
     name: str = "layer",
     clock: dict[str, float] | None = None,
 ) -> Decomposition:
@@ -93,15 +94,19 @@ def decompose_layer(
     a preset (see :data:`hasslefree.presets.PRESETS`); ``sparse_solver``/``lowrank_solver``/
     ``start`` override its parts, so any P1 can be combined with any P2. ``tolerance``
     (default: the method's) stops early once the best objective improves by less than that
-    fraction over ``patience`` iterations. Every argument is checked before any work is done.
+    fraction over ``patience`` iterations. ``loop_options`` override the preset's loop settings:
+    ``refresh_every`` (prune every k-th iteration, refit the kept support in between),
+    ``refine_iterations`` (PCG steps of those refits) and ``probe`` (iterations of each order
+    when ``start="auto"``). Every argument is checked before any work is done.
     ``clock`` (a dict) accumulates seconds per stage: "prepare" (H), "P1", "P2", "objective".
     """
     settings = dict(pattern=pattern, rank=rank, method=method, iterations=iterations, seed=seed,
                     sparse_solver=sparse_solver, lowrank_solver=lowrank_solver, start=start,
                     tolerance=tolerance, patience=patience, sparse_options=sparse_options,
-                    lowrank_options=lowrank_options, clock=clock)
+                    lowrank_options=lowrank_options, loop_options=loop_options, clock=clock)
     raw = hessian.raw if isinstance(hessian, PreparedHessian) else hessian
     _validate(weight, raw, pattern, rank, method, iterations, sparse_solver, lowrank_solver, start, name)
+    _validate_loop_options(loop_options)
     began = time.perf_counter()
     prepared = (hessian if isinstance(hessian, PreparedHessian) else
                 prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype))
@@ -133,6 +138,7 @@ def decompose_group(
         _validate(weight, hessian, settings["pattern"], settings["rank"], settings["method"],
                   settings["iterations"], settings["sparse_solver"], settings["lowrank_solver"],
                   settings["start"], name)
+    _validate_loop_options(settings["loop_options"])
     began = time.perf_counter()
     prepared = prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype)
     _add(settings["clock"], "prepare", began)
@@ -146,7 +152,7 @@ def _add(clock: dict[str, float] | None, key: str, began: float) -> None:
 
 _DEFAULTS = dict(pattern="2:4", rank=64, method="hassle-free", iterations=None, seed=0,
                  sparse_solver=None, lowrank_solver=None, start=None, tolerance=None, patience=5,
-                 sparse_options=None, lowrank_options=None, clock=None)
+                 sparse_options=None, lowrank_options=None, loop_options=None, clock=None)
 _ROW_SEPARABLE = {"magnitude", "wanda", "sparsegpt"}
 
 
@@ -172,7 +178,8 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
     for members in groups:
         start = settings["start"] or spec.start
         solve = alternate_auto if start == "auto" else partial(alternate_many, start=start)
-        loop_options = {k: v for k, v in spec.loop_options.items() if start == "auto" or k != "probe"}
+        loop_options = {k: v for k, v in {**spec.loop_options, **(settings["loop_options"] or {})}.items()
+                        if start == "auto" or k != "probe"}
         loop = solve(
             [targets[i] for i in members], prepared, patterns[members[0]], [ranks[i] for i in members],
             prune=SPARSE_SOLVERS[sparse_name],
@@ -230,6 +237,17 @@ def resolve_layer(out_features: int, in_features: int, pattern: str | SparsityPa
                          "for; pass rank 0 or choose a sparse + low-rank method such as "
                          "'hassle-free' or 'oats'")
     return rank_value, pattern
+
+
+_LOOP_OPTIONS = ("refresh_every", "refine_iterations", "probe")
+
+
+def _validate_loop_options(options: dict | None) -> None:
+    for key, value in (options or {}).items():
+        if key not in _LOOP_OPTIONS:
+            raise ValueError(f"unknown loop option {key!r}; choose from {', '.join(_LOOP_OPTIONS)}")
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"loop option {key} must be an integer >= 1, got {value!r}")
 
 
 def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver, lowrank_solver,
