@@ -19,6 +19,7 @@ import time
 import torch
 
 import hasslefree as hf
+from hasslefree.alternating import DEFAULT_PROBE
 from official_reference import adam_steps, sparsegpt_pass
 from results_log import append_record
 
@@ -48,7 +49,7 @@ def time_ours(weight, hessian, method: str, iterations: int | None, rank: int) -
     loop = result.timeline[-1]
     per_iteration = loop / len(result.timeline)
     setup = result.seconds - loop
-    work = spec.iterations + (spec.loop_options.get("probe", 5) if spec.start == "auto" else 0)
+    work = spec.iterations + (spec.loop_options.get("probe", DEFAULT_PROBE) if spec.start == "auto" else 0)
     return {"seconds_per_iteration": per_iteration, "setup_seconds": setup, "timed_iterations": cycle,
             "run_iterations": work, "projected_run_seconds": setup + work * per_iteration,
             "relative_objective": result.relative_objective(hessian)}

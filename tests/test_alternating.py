@@ -2,8 +2,11 @@ import pytest
 import torch
 
 import hasslefree as hf
+from hasslefree.alternating import alternate_many
 from hasslefree.hessian import prepare_hessian
+from hasslefree.lowrank import LOWRANK_SOLVERS
 from hasslefree.patterns import SparsityPattern
+from hasslefree.sparse import SPARSE_SOLVERS
 
 from conftest import correlated_problem
 
@@ -133,9 +136,6 @@ def test_support_refits_between_pruning_passes_keep_the_pattern_and_help():
     every = hf.decompose_layer(weight, hessian, "2:4", 6, "hassle-free-exact", **common)
     pattern = SparsityPattern.parse("2:4")
     prepared = prepare_hessian(hessian)
-    from hasslefree.alternating import alternate_many
-    from hasslefree.lowrank import LOWRANK_SOLVERS
-    from hasslefree.sparse import SPARSE_SOLVERS
     [refined] = alternate_many([weight.float()], prepared, pattern, [6], prune=SPARSE_SOLVERS["sparsegpt"],
                                lowrank=LOWRANK_SOLVERS["exact"], iterations=20, refresh_every=5)
     groups = (refined.sparse != 0).reshape(40, -1, 4).sum(-1)

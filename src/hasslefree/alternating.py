@@ -26,6 +26,8 @@ from hasslefree.sparse.refit import refit_on_support
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_PROBE = 5  # iterations of each order that start="auto" runs before choosing
+
 SparseSolver = Callable[..., torch.Tensor]
 LowRankSolver = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -98,7 +100,7 @@ def alternate_many(
         active = [st for st in states if not st.stopped]
         if not active:
             break
-        refresh = iteration == 1 or (iteration - 1) % refresh_every == 0
+        refresh = (iteration - 1) % refresh_every == 0  # always on iteration 1
         if start == "sparse":
             with _timed(clock, "P1"):
                 _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration,
@@ -120,7 +122,8 @@ def alternate_many(
 
 
 def alternate_auto(weights: list[torch.Tensor], hessian: PreparedHessian, pattern: SparsityPattern,
-                   ranks: list[int], *, iterations: int, probe: int = 5, **options) -> list[LoopResult]:
+                   ranks: list[int], *, iterations: int, probe: int = DEFAULT_PROBE,
+                   **options) -> list[LoopResult]:
     """Probe both starts for ``probe`` iterations, then continue the better one per layer.
 
     Neither start wins everywhere: where U Vᵀ can carry almost the whole layer (SmolLM2's
@@ -176,7 +179,7 @@ class _LayerState:
 
 def _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration, refresh,
                  refine_iterations) -> None:
-    if refresh or any(st.factors is None for st in active):
+    if refresh:  # iteration 1 always refreshes, so a refit always finds P2's factors
         targets = [st.weight - _product(st.factors, st.weight) for st in active]
         previous = [st.sparse for st in active] if iteration > 1 else None
         for st, sparse in zip(active, _prune_all(targets, hessian, pattern, prune, prune_options,
