@@ -74,6 +74,38 @@ def test_captured_inputs_replay_every_block_exactly(family):
             assert torch.equal(hidden, states[index + 1])
 
 
+MIXED_ATTENTION = ["sliding_attention", "full_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_every_block_of_a_mixed_attention_model_replays_its_own_call(family):
+    """Five blocks mixing sliding-window (8) and global attention over 32-token windows: the
+    input captured for EVERY block, and the last block's output, equal a plain forward pass.
+    (Sliding and global blocks get different masks and, in Gemma 3, different rotary tables:
+    replaying one block's call for another changes the hidden states.)"""
+    model = tiny_model(family, num_hidden_layers=5, layer_types=MIXED_ATTENTION)
+    ids = token_batch(2, 32)
+    blocks = resolve_architecture(model).block_list(model)
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True) for b in blocks]
+    last: list[torch.Tensor] = []
+    hooks.append(blocks[-1].register_forward_hook(lambda _m, _a, out: last.append(
+        (out[0] if isinstance(out, tuple) else out).clone())))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    inputs = capture_block_inputs(model, blocks, ids, batch_size=2, device=torch.device("cpu"),
+                                  dtype=torch.float32)
+    hidden = inputs.hidden[0]
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            torch.testing.assert_close(hidden, seen[index], rtol=0, atol=0, msg=f"input of block {index}")
+            hidden = run_block(block, hidden, inputs.call(index, 2), torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(hidden, last[0], rtol=0, atol=0)
+
+
 def test_pruning_methods_leave_sparse_layers():
     ids = token_batch(2, 32)
     for method in ("magnitude", "wanda", "sparsegpt", "alps"):

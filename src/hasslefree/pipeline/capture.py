@@ -50,12 +50,19 @@ def split_batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tens
     return list(calibration.split(batch_size, dim=0))
 
 
-def to_device(value: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
-    """Move tensors inside nested tuples/lists/dicts; a memo keeps shared objects shared."""
+def to_device(value: Any, device: torch.device | str,
+              memo: dict[int, tuple[Any, Any]] | None = None) -> Any:
+    """Move tensors inside nested tuples/lists/dicts; a memo keeps shared objects shared.
+
+    The memo maps ``id(original)`` to ``(original, moved)``: holding the original keeps its
+    id from being reused by a later, different object (calls of different blocks are built
+    from short-lived tuples and dicts, whose ids Python recycles).
+    """
     memo = {} if memo is None else memo
     key = id(value)
-    if key in memo:
-        return memo[key]
+    seen = memo.get(key)
+    if seen is not None and seen[0] is value:
+        return seen[1]
     if isinstance(value, torch.Tensor):
         moved = value.detach().to(device)
     elif isinstance(value, tuple) and not hasattr(value, "_fields"):
@@ -66,7 +73,7 @@ def to_device(value: Any, device: torch.device | str, memo: dict[int, Any] | Non
         moved = {k: to_device(v, device, memo) for k, v in value.items()}
     else:
         moved = value
-    memo[key] = moved
+    memo[key] = (value, moved)
     return moved
 
 
@@ -195,7 +202,7 @@ def _probe_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tenso
                  weights: BlockWeights | None = None) -> list[Call]:
     """Run one batch through the blocks, recording each block's arguments (hidden states aside)."""
     calls: list[Call | None] = [None] * len(blocks)
-    memo: dict[int, Any] = {}
+    memo: dict[int, tuple[Any, Any]] = {}
     last = len(blocks) - 1
 
     def recorder(index: int):
