@@ -144,3 +144,34 @@ def test_support_refits_between_pruning_passes_keep_the_pattern_and_help():
     with pytest.raises(ValueError, match="refresh_every"):
         alternate_many([weight.float()], prepared, pattern, [6], prune=SPARSE_SOLVERS["sparsegpt"],
                        lowrank=LOWRANK_SOLVERS["exact"], iterations=2, refresh_every=0)
+
+
+@pytest.mark.parametrize("start", ["sparse", "lowrank"])
+def test_support_refits_pair_the_refitted_sparse_part_with_its_optimal_U(start):
+    """On refit iterations the recorded iterate must be the one the refit optimised: S on the
+    support and U jointly optimal for the current V. Sparse-first gets U from the P2 that
+    follows; low-rank-first has no P2 after the refit, so U is re-solved for V. Checked by the
+    stationarity of U, (W − S − U Vᵀ) H V = 0 (H the solvers' damped Hessian), on every
+    refit iteration, and against the objective with a float64 least-squares U."""
+    weight, hessian = correlated_problem(96, 128, seed=3)
+    prepared = prepare_hessian(hessian)
+    pattern = SparsityPattern.parse("2:4")
+    snapshots = []
+    for iterations in range(2, 6):  # iterations 2..5 are refits (refresh_every=5)
+        [result] = alternate_many([weight], prepared, pattern, [16], prune=SPARSE_SOLVERS["sparsegpt"],
+                                  lowrank=LOWRANK_SOLVERS["exact"], iterations=iterations, start=start,
+                                  refresh_every=5, refine_iterations=30)
+        snapshots.append(result)
+    h = prepared.damped
+    for result in snapshots:
+        assert result.best_iteration > 1  # a refit iterate was kept
+        residual = weight - result.sparse - result.U @ result.V.mT
+        gradient = residual @ h @ result.V
+        scale = (weight - result.sparse) @ h @ result.V
+        assert float(gradient.norm() / scale.norm()) < 1e-8
+        # the least-squares U in float64 for the same S, V gives the recorded objective
+        hv = h @ result.V
+        best_u = torch.linalg.solve(result.V.mT @ hv, ((weight - result.sparse) @ hv).mT).mT
+        best = weight - result.sparse - best_u @ result.V.mT
+        undamped = float(((best @ prepared.raw) * best).sum())
+        assert min(result.history) == pytest.approx(undamped, rel=1e-6)

@@ -22,7 +22,7 @@ import torch
 from hasslefree.hessian import PreparedHessian
 from hasslefree.objective import residual_objective
 from hasslefree.patterns import SparsityPattern
-from hasslefree.sparse.refit import refit_on_support
+from hasslefree.sparse.refit import coefficients_for_basis, refit_on_support
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def alternate_many(
         if start == "sparse":
             with _timed(clock, "P1"):
                 _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration,
-                             refresh, refine_iterations)
+                             refresh, refine_iterations, after_lowrank=False)
         with _timed(clock, "P2"):
             for st in active:
                 st.factors = lowrank(st.weight - st.sparse, hessian, st.rank, warm=st.factors,
@@ -112,7 +112,7 @@ def alternate_many(
         if start == "lowrank":
             with _timed(clock, "P1"):
                 _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration,
-                             refresh, refine_iterations)
+                             refresh, refine_iterations, after_lowrank=True)
         with _timed(clock, "objective"):
             for st in active:
                 st.record(residual_objective(st.weight - st.sparse - _product(st.factors, st.weight), h),
@@ -178,7 +178,7 @@ class _LayerState:
 
 
 def _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration, refresh,
-                 refine_iterations) -> None:
+                 refine_iterations, after_lowrank: bool) -> None:
     if refresh:  # iteration 1 always refreshes, so a refit always finds P2's factors
         targets = [st.weight - _product(st.factors, st.weight) for st in active]
         previous = [st.sparse for st in active] if iteration > 1 else None
@@ -187,8 +187,11 @@ def _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteratio
             st.sparse = sparse
         return
     for st in active:  # keep the support; S and U jointly optimal for the current V
+        U, V = st.factors
         st.sparse = refit_on_support(st.weight, hessian.damped, st.sparse != 0, st.sparse,
-                                     iterations=refine_iterations, basis=st.factors[1])
+                                     iterations=refine_iterations, basis=V)
+        if after_lowrank:  # no P2 follows in this iteration: pair S with the U the refit assumed
+            st.factors = (coefficients_for_basis(st.weight - st.sparse, hessian.damped, V).to(U.dtype), V)
 
 
 def _prune_all(targets, hessian, pattern, prune, prune_options, stack, previous):

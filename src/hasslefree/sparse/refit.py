@@ -47,6 +47,22 @@ def refit_on_support(target: torch.Tensor, hessian: torch.Tensor, mask: torch.Te
     return sparse.to(target.dtype)
 
 
+def coefficients_for_basis(residual: torch.Tensor, hessian: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """argmin over U of tr((R − U Bᵀ) H (R − U Bᵀ)ᵀ) = R H B (Bᵀ H B)⁻¹ (B = ``basis``, in x r).
+
+    The U that the eliminated refit assumed: pairing it with the refitted S keeps the
+    recorded iterate the one the refit optimised.
+    """
+    if basis.shape[1] == 0:
+        return residual.new_zeros(residual.shape[0], 0)
+    h = hessian.to(residual.dtype)
+    b = basis.to(residual.dtype)
+    hb = h @ b
+    gram = b.mT @ hb
+    gram.diagonal().add_(100 * torch.finfo(gram.dtype).eps * float(gram.diagonal().mean()))
+    return torch.cholesky_solve((residual @ hb).mT, torch.linalg.cholesky(gram)).mT
+
+
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_j a_ij b_ij per row, without an (out x in) temporary."""
     return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(a.shape[0])
