@@ -81,6 +81,9 @@ def test_bad_options(tmp_path, capsys):
     assert "--kappa needs --rho" in _error(capsys, ["compress", "stories260K", "--kappa", "0.3", *out])
     assert "expected REGEX=" in _error(capsys, ["compress", "stories260K", "--override", "rank:3", *out])
     assert "unknown method" in _error(capsys, ["compress", "stories260K", "--method", "nope", *out])
+    assert "match lr" in _error(capsys, ["compress", "stories260K", "--match-epochs", "1", "--match-lr", "0", *out])
+    assert "match epochs" in _error(capsys, ["compress", "stories260K", "--match-epochs", "-1", *out])
+    assert "--no-modules" in _error(capsys, ["compress", "stories260K", "--match-epochs", "1", "--no-modules", *out])
     assert "unknown dataset" in _error(capsys, ["eval", "stories260K", "--ppl", "nosuchset", "-q"])
 
 

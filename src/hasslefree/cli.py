@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the stored block inputs between blocks (default: --dtype)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--percdamp", type=float, help="Hessian damping as a fraction of mean(diag H)")
+    c.add_argument("--coordinate-damp", type=float,
+                   help="extra damping as a fraction of each H_jj (the official code's runs: "
+                        "--percdamp 0.005 --coordinate-damp 0.005)")
     c.add_argument("--tolerance", type=float,
                    help="stop a layer's iterations once its objective improves by less than this "
                         "fraction over 5 iterations (default: the method's; 0 runs them all)")
@@ -86,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer settings, e.g. 'mlp.down_proj=rank:32,pattern:4:8' (keys: pattern, rank, "
                         "method, iterations, skip)")
     c.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching layers dense")
+    m = c.add_argument_group("block-output matching", "after each block is decomposed, tune its kept sparse "
+                             "values and U, V so the block's outputs match the dense ones (Adam, cosine schedule)")
+    m.add_argument("--match-epochs", type=int, default=0, help="passes over the calibration data (default 0: off)")
+    m.add_argument("--match-lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    m.add_argument("--match-target", choices=("block", "model"), default="block",
+                   help="block: the dense block on the same inputs; model: the dense model's own block outputs")
     h = c.add_argument_group("HSS methods", "sparse S plus a hierarchical low-rank matrix (hasslefree.hss)")
     h.add_argument("--sparsity", type=float, help="fraction of the weights kept in S (default 0.3)")
     hss_size = h.add_mutually_exclusive_group()
@@ -202,10 +211,11 @@ def _compress(args: argparse.Namespace) -> int:
     from hasslefree.data import calibration_batch, resolve_source
     from hasslefree.evaluate import check_seqlen
     from hasslefree.patterns import SparsityPattern
-    from hasslefree.pipeline import DEFAULT_SKIP, ResumeMismatch, check_calibration, compress, prepare
+    from hasslefree.pipeline import DEFAULT_SKIP, MatchOptions, ResumeMismatch, check_calibration, compress, prepare
     from hasslefree.pipeline.plan import check_method
 
-    engine = {key: value for key, value in (("percdamp", args.percdamp), ("tolerance", args.tolerance))
+    engine = {key: value for key, value in (("percdamp", args.percdamp), ("tolerance", args.tolerance),
+                                            ("coordinate_damp", args.coordinate_damp))
               if value is not None}
     skip = (*DEFAULT_SKIP, *args.skip)
     try:
@@ -213,6 +223,9 @@ def _compress(args: argparse.Namespace) -> int:
         rank = rank_from_args(args)
         check_method(args.method)
         hss = hss_from_args(args)
+        match = MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target)
+        if match.enabled and args.no_modules:
+            raise ValueError("--match-epochs tunes the compressed modules; it cannot run with --no-modules")
         SparsityPattern.parse(args.pattern)
         device = _device(args.device)
         if args.nsamples < 1 or args.batch_size < 1:
@@ -234,7 +247,7 @@ def _compress(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
                               dense=args.no_modules, model_name=args.model, hss=hss,
                               activation_dtype=_dtype(args.activation_dtype or args.dtype),
-                              block_weights=block_weights, **engine)
+                              block_weights=block_weights, match=match, **engine)
     except ResumeMismatch as exc:
         raise UsageError(_one_line(exc)) from None
     sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")

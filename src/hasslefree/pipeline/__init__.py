@@ -7,6 +7,7 @@ earlier layers, and swaps in :class:`hasslefree.nn.SparseLowRankLinear` modules 
 """
 
 from hasslefree.pipeline.api import check_calibration, compress, prepare
+from hasslefree.pipeline.matching import MATCH_TARGETS, MatchOptions
 from hasslefree.pipeline.plan import DEFAULT_SKIP, LayerSettings, Plan, TargetLayer, build_plan
 from hasslefree.pipeline.registry import ARCHITECTURES, Architecture, lookup, resolve_architecture
 from hasslefree.pipeline.report import CompressionReport, LayerRecord
@@ -19,6 +20,8 @@ __all__ = [
     "DEFAULT_SKIP",
     "LayerRecord",
     "LayerSettings",
+    "MATCH_TARGETS",
+    "MatchOptions",
     "Plan",
     "ResumeMismatch",
     "TargetLayer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from dataclasses import asdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from hasslefree.pipeline.plan import (DEFAULT_SKIP, LayerSettings, Plan, as_rank
 from hasslefree.pipeline.registry import resolve_architecture
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
+from hasslefree.pipeline.matching import MatchOptions
 from hasslefree.pipeline.sequential import BlockCallback, PipelineOptions, run_sequential
 
 if TYPE_CHECKING:
@@ -110,6 +112,7 @@ def compress(
     on_block_end: BlockCallback | None = None,
     hss: HSSOptions | Mapping[str, Any] | None = None,
     block_weights: BlockWeights | None = None,
+    match: MatchOptions | Mapping[str, Any] | None = None,
     **engine_options: Any,
 ) -> CompressionReport:
     """Compress every linear layer of ``model``'s decoder blocks in place; return the report.
@@ -128,6 +131,11 @@ def compress(
     model is written there block by block too, and ``model``'s blocks stay on the meta device
     (load the result with :func:`hasslefree.checkpoint.load_compressed`).
 
+    ``match`` (:class:`MatchOptions` or a mapping such as ``{"epochs": 2, "lr": 1e-4,
+    "target": "model"}``) tunes each compressed block's kept sparse values and U, V so its
+    outputs match the dense block's ("block") or the dense model's ("model"); see
+    :mod:`hasslefree.pipeline.matching`.
+
     HSS methods (``shss``, ``shss-rcm``, ``shss-whitened``, ``shss-rcm-whitened``) replace a
     layer by :class:`hasslefree.hss.HSSLinear`, built as ``hss`` (:class:`HSSOptions` or a
     mapping such as ``{"sparsity": 0.3, "outer_rank": 512, "leaf": 256}``) says; as the run's
@@ -141,6 +149,9 @@ def compress(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if block_weights is not None and out_dir is None:
         raise ValueError("streaming the blocks (block_weights) needs out_dir to checkpoint them in")
+    match = as_match_options(match)
+    if match.enabled and dense:
+        raise ValueError("block-output matching tunes the SparseLowRankLinear modules; it cannot run with dense=True")
     if calibration is None:
         if tokenizer is None:
             raise ValueError("pass calibration token ids, or a tokenizer to build them from calib")
@@ -155,19 +166,21 @@ def compress(
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     config = _run_config(model, plan, calibration, pattern, rank, method, iterations, overrides, skip, seed,
                          batch_size, true_sequential, dense, (activation_dtype, hessian_dtype), engine_options)
+    if match.enabled:  # only then, so earlier runs still resume
+        config["match"] = match.to_dict()
     if any(t.settings.is_hss for t in plan.layers):  # only then, so earlier runs still resume
         config["hss"] = HSSOptions.from_value(hss).to_dict()
         if all(t.settings.is_hss for t in plan.layers):
             config["pattern"], config["rank"] = "hss", "hss"
     options = PipelineOptions(batch_size=batch_size, true_sequential=true_sequential, write_modules=not dense,
                               activation_dtype=activation_dtype, hessian_dtype=hessian_dtype, seed=seed,
-                              engine_options=dict(engine_options), progress=progress)
+                              engine_options=dict(engine_options), progress=progress, match=match)
     store = ResumeStore(out_dir, config) if out_dir is not None else None
     timer = StageTimer()
     was_training = model.training
     model.eval()
     try:
-        records, resumed = run_sequential(model, plan, calibration, device=device, options=options, timer=timer,
+        records, matches, resumed = run_sequential(model, plan, calibration, device=device, options=options, timer=timer,
                                           store=store, on_block_end=on_block_end, weights=block_weights)
         if block_weights is not None and dense:  # a plain HF folder needs the whole model in memory
             with timer.stage("assemble"):
@@ -178,13 +191,26 @@ def compress(
     report = CompressionReport(model=str(name), architecture=plan.architecture.name,
                                config={k: v for k, v in config.items() if k != "model"}, layers=records,
                                timings=timer.summary(), resumed_blocks=resumed, peak_rss_mb=round(peak_rss_mb(), 1),
-                               cuda_peak_mb=cuda_peak_mb(device))
+                               cuda_peak_mb=cuda_peak_mb(device), matching=[asdict(m) for m in matches])
     logger.info("%s", report.summary())
     if out_dir is not None:
         streamed = None if block_weights is None or dense else _StreamedBlocks(plan.architecture.blocks, store,
                                                                                 block_weights)
         _write_outputs(model, tokenizer, Path(out_dir), report, dense, streamed)
     return report
+
+
+def as_match_options(value: MatchOptions | Mapping[str, Any] | None) -> MatchOptions:
+    """MatchOptions from an instance, a mapping of its fields, or None (off); unknown keys are errors."""
+    if value is None or isinstance(value, MatchOptions):
+        return value or MatchOptions()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"match must be MatchOptions or a mapping, got {type(value).__name__}")
+    known = set(MatchOptions.__dataclass_fields__)
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown match option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return MatchOptions(**value)
 
 
 class _StreamedBlocks:

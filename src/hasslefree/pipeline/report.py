@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
 PLOT_NAME = "report.png"
-STAGES = ("capture", "resume", "hessian", "decompose", "apply", "propagate", "checkpoint")
+STAGES = ("capture", "resume", "hessian", "decompose", "apply", "match", "propagate", "checkpoint")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class CompressionReport:
     resumed_blocks: int = 0
     peak_rss_mb: float = 0.0
     cuda_peak_mb: float | None = None
+    matching: list[dict[str, Any]] = field(default_factory=list)  # per block, when block-output matching ran
 
     @property
     def parameters(self) -> int:

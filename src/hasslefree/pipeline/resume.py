@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 from hasslefree.nn import replace_linear
 from hasslefree.pipeline.hss_layers import hss_shell
 from hasslefree.pipeline.layers import empty_compressed
+from hasslefree.pipeline.matching import MatchRecord
 from hasslefree.pipeline.report import LayerRecord, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class ResumeStore:
         self.hash = config_hash(self.config)
         self.progress_path = self.directory / PROGRESS_NAME
         self.layers: list[dict[str, Any]] = []
+        self.matching: list[dict[str, Any]] = []
         self.completed = 0
 
     def start(self, num_blocks: int) -> int:
@@ -81,6 +84,7 @@ class ResumeStore:
                 f"{self.progress_path} to start over")
         self.completed = int(saved.get("completed_blocks", 0))
         self.layers = list(saved.get("layers", []))
+        self.matching = list(saved.get("matching", []))
         if self.completed > num_blocks:
             raise ResumeMismatch(f"{self.progress_path} records {self.completed} blocks but the model has {num_blocks}")
         return self.completed
@@ -88,11 +92,14 @@ class ResumeStore:
     def records(self) -> list[LayerRecord]:
         return [LayerRecord.from_dict(r) for r in self.layers]
 
+    def matches(self) -> list[MatchRecord]:
+        return [MatchRecord(**m) for m in self.matching]
+
     def block_path(self, index: int) -> Path:
         return self.directory / BLOCKS_DIR / f"block_{index:05d}.safetensors"
 
     def save_block(self, index: int, block: nn.Module, layers: dict[str, dict[str, Any]],
-                   records: list[LayerRecord], num_blocks: int) -> None:
+                   records: list[LayerRecord], num_blocks: int, match: MatchRecord | None = None) -> None:
         """Write block ``index`` (state + which layers are compressed modules), then the progress."""
         path = self.block_path(index)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -101,10 +108,13 @@ class ResumeStore:
         os.replace(tmp, path)
         self.completed = index + 1
         self.layers.extend(_record_dict(r) for r in records)
-        write_json_atomic(self.progress_path, {
-            "config_hash": self.hash, "config": self.config, "num_blocks": num_blocks,
-            "completed_blocks": self.completed, "layers": self.layers,
-        })
+        if match is not None:
+            self.matching.append(asdict(match))
+        progress = {"config_hash": self.hash, "config": self.config, "num_blocks": num_blocks,
+                    "completed_blocks": self.completed, "layers": self.layers}
+        if self.matching:
+            progress["matching"] = self.matching
+        write_json_atomic(self.progress_path, progress)
 
     def load_block(self, index: int, block: nn.Module) -> None:
         """Put block ``index``'s saved state into ``block``, swapping in compressed modules first."""
@@ -134,6 +144,4 @@ class ResumeStore:
 
 
 def _record_dict(record: LayerRecord) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return asdict(record)

@@ -26,6 +26,7 @@ from hasslefree.nn import replace_linear
 from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block
 from hasslefree.pipeline.hss_layers import HSSResult, fit_hss_layer
 from hasslefree.pipeline.layers import compressed_module, layer_weight, module_pattern, write_dense
+from hasslefree.pipeline.matching import MatchOptions, MatchRecord, match_block
 from hasslefree.pipeline.plan import Plan, TargetLayer
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore
@@ -54,13 +55,15 @@ class PipelineOptions:
     seed: int = 0
     engine_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    match: MatchOptions = field(default_factory=MatchOptions)
 
 
 def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, device: torch.device,
                    options: PipelineOptions, timer: StageTimer, store: ResumeStore | None = None,
                    on_block_end: BlockCallback | None = None,
-                   weights: BlockWeights | None = None) -> tuple[list[LayerRecord], int]:
-    """Compress ``model`` in place; return the layer records and how many blocks were resumed.
+                   weights: BlockWeights | None = None) -> tuple[list[LayerRecord], list[MatchRecord], int]:
+    """Compress ``model`` in place; return the layer and matching records and how many blocks
+    were resumed.
 
     With ``weights`` the blocks start on the meta device: each is read just before it is
     compressed and dropped once checkpointed in ``store`` (required then), so memory holds one
@@ -71,23 +74,29 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
         raise ValueError("streaming the blocks needs an output directory to checkpoint them in")
     resumed = store.start(len(blocks)) if store is not None else 0
     records = store.records() if store is not None else []
-    if weights is None:
-        with timer.stage("resume"):
-            for index in range(resumed):
-                store.load_block(index, blocks[index])  # type: ignore[union-attr]
+    matches = store.matches() if store is not None else []
+    if resumed == len(blocks):
+        if weights is None:
+            with timer.stage("resume"):
+                for index in range(resumed):
+                    store.load_block(index, blocks[index])  # type: ignore[union-attr]
+        return records, matches, resumed
     if resumed:
         logger.info("resuming after %d finished block(s) of %d", resumed, len(blocks))
-    if resumed == len(blocks):
-        return records, resumed
+    chain = options.match.enabled and options.match.target == "model"
     with _rest_of_model_on(model, plan.architecture.blocks, device):
         with timer.stage("capture"):
             inputs = capture_block_inputs(model, blocks, calibration, batch_size=options.batch_size,
                                           device=device, dtype=options.activation_dtype, weights=weights)
         hidden = inputs.hidden
+        dense_hidden = list(hidden) if chain else None  # the dense model's own block inputs
         with timer.stage("resume"):
             for index in range(resumed):
                 if weights is not None:
-                    store.load_block(index, blocks[index])  # type: ignore[union-attr]
+                    weights.load(index, blocks[index])
+                if dense_hidden is not None:  # the dense block, before its compressed state replaces it
+                    dense_hidden = _propagate(blocks[index], index, dense_hidden, inputs, device, options)
+                store.load_block(index, blocks[index])  # type: ignore[union-attr]
                 hidden = _propagate(blocks[index], index, hidden, inputs, device, options)
                 if weights is not None:
                     weights.release(blocks[index])
@@ -99,14 +108,28 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
                     weights.load(index, block)
             home = next(block.parameters()).device
             block.to(device)
+            targets = None
+            if options.match.enabled and plan.blocks[index]:
+                with timer.stage("match"):
+                    targets = _propagate(block, index, dense_hidden if chain else hidden, inputs, device, options)
+                if chain:
+                    dense_hidden = targets
             block_records, layer_meta = _compress_block(block, index, plan.blocks[index], hidden, inputs,
                                                         device, options, timer)
-            with timer.stage("propagate"):
-                hidden = _propagate(block, index, hidden, inputs, device, options)
+            match = None
+            if targets is not None:  # matching's last pass over the data is the propagation
+                with timer.stage("match"):
+                    match, hidden = match_block(block, index, hidden, targets,
+                                                lambda states: inputs.call(index, states.shape[0]), device,
+                                                options.match, options.activation_dtype)
+                matches.append(match)
+            else:
+                with timer.stage("propagate"):
+                    hidden = _propagate(block, index, hidden, inputs, device, options)
             block.to(home)
             if store is not None:
                 with timer.stage("checkpoint"):
-                    store.save_block(index, block, layer_meta, block_records, len(blocks))
+                    store.save_block(index, block, layer_meta, block_records, len(blocks), match)
             if weights is not None:
                 weights.release(block)
             records.extend(block_records)
@@ -116,7 +139,7 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
                             len(block_records), worst)
             if on_block_end is not None:
                 on_block_end(index, block_records)
-    return records, resumed
+    return records, matches, resumed
 
 
 def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...], ...],
