@@ -126,3 +126,18 @@ def test_loop_options_override_the_preset_and_are_checked_first():
     with pytest.raises(ValueError, match="refine_iterations must be an integer >= 1"):
         hf.decompose_group({"a": weight}, hessian, rank=4, method="hassle-free-fast",
                            loop_options={"refine_iterations": 0})
+
+
+@pytest.mark.parametrize("percdamp, coordinate_damp", [(0.01, 0.0), (0.005, 0.005), (0.0, 0.0)])
+def test_the_result_reports_its_objective_under_the_damped_hessian_too(percdamp, coordinate_damp):
+    """Solvers minimise H + λI (+ c·diag H); the report scores both that and the plain H."""
+    weight, hessian = correlated_problem(24, 32, seed=5)
+    result = hf.decompose_layer(weight, hessian, "2:4", 3, "hassle-free-exact", iterations=3,
+                                percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=torch.float64)
+    damped = hessian.clone()
+    damped.diagonal().add_(percdamp * float(hessian.diagonal().mean()) + coordinate_damp * hessian.diagonal())
+    assert result.damped_relative_objective == pytest.approx(result.relative_objective(damped), rel=1e-9)
+    if percdamp == coordinate_damp == 0:
+        assert result.damped_relative_objective == pytest.approx(result.relative_objective(hessian), rel=1e-9)
+    else:
+        assert result.damped_relative_objective != pytest.approx(result.relative_objective(hessian), rel=1e-6)

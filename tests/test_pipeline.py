@@ -41,6 +41,7 @@ def test_every_layer_gets_the_requested_pattern_and_rank():
     for record in report.layers:
         assert record.rank == 8 and record.pattern == "2:4" and record.iterations == 3
         assert 0 < record.relative_objective <= record.first_iterate_relative_objective < 1
+        assert 0 < record.damped_relative_objective < 1
         assert record.parameters == record.dense_parameters // 2 + 8 * sum(record.shape)
     assert report.timings["decompose"] > 0 and report.timings["total"] >= report.timings["decompose"]
 

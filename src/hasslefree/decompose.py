@@ -37,6 +37,7 @@ class Decomposition:
     best_iteration: int
     initial_objective: float
     timeline: list[float] = field(default_factory=list)  # loop seconds at each iteration's end
+    damped_relative_objective: float | None = None  # f/f(0) of the result under the solvers' damped H
 
     @property
     def rank(self) -> int:
@@ -201,13 +202,16 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
     for i, name in enumerate(weights):
         result = results[i]
         initial = layer_objective(targets[i], torch.zeros_like(targets[i]), prepared.raw)
+        result_dense = result.sparse + result.U @ result.V.mT
+        damped_base = layer_objective(targets[i], torch.zeros_like(targets[i]), prepared.damped)
+        damped = layer_objective(targets[i], result_dense, prepared.damped) / damped_base if damped_base > 0 else 0.0
         logger.debug("%s: %s %s rank %d, f/f0 %.4g in %d iterations", name, settings["method"],
                      patterns[i], ranks[i], min(result.history) / max(initial, 1e-30), len(result.history))
         out[name] = Decomposition(weight=targets[i], sparse=result.sparse, U=result.U, V=result.V,
                                   pattern=patterns[i], method=settings["method"], history=result.history,
                                   seconds=seconds * targets[i].shape[0] / total_rows,
                                   best_iteration=result.best_iteration, initial_objective=initial,
-                                  timeline=result.timeline)
+                                  timeline=result.timeline, damped_relative_objective=damped)
     return out
 
 

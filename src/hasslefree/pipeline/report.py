@@ -48,6 +48,8 @@ class LayerRecord:
     seconds: float
     peak_rss_mb: float
     cuda_peak_mb: float | None = None
+    # the same f/f(0) under the damped H (H + λI [+ c·diag H]) that the solvers minimise
+    damped_relative_objective: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerRecord":

@@ -262,6 +262,7 @@ def _record(target: TargetLayer, result: Decomposition, device: torch.device) ->
         first_iterate_relative_objective=result.history[0] / base if base > 0 else 0.0,
         iterations=result.iterations, best_iteration=result.best_iteration, seconds=round(result.seconds, 4),
         peak_rss_mb=round(peak_rss_mb(), 1), cuda_peak_mb=cuda_peak_mb(device),
+        damped_relative_objective=getattr(result, "damped_relative_objective", None),
     )
 
 
