@@ -142,6 +142,22 @@ def test_save_load_bit_identical(tmp_path: Path, dtype: torch.dtype) -> None:
     assert {"name", "in_features", "out_features", "pattern", "rank", "stored_bytes"} <= set(layer)
 
 
+def test_eval_loads_a_bfloat16_checkpoint_in_the_dtype_asked_for(tmp_path: Path, monkeypatch) -> None:
+    """`hasslefree eval DIR --dtype float32` scores a bf16-saved model in float32 (exact upcast)."""
+    from hasslefree.evaluate import load_any
+
+    monkeypatch.setattr("hasslefree.evaluate._checkpoint_tokenizer", lambda *a: None)  # none saved here
+    model = tiny_compressed_llama(torch.bfloat16)
+    save_compressed(model, tmp_path, run_config={"method": "hasslefree", "pattern": "2:4", "rank_policy": "fixed:8"})
+    loaded, _ = load_any(tmp_path, dtype=torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLowRankLinear):
+            assert torch.equal(loaded.get_submodule(name).sparse_weight, mod.sparse_weight.float())
+    as_saved, _ = load_any(tmp_path, dtype=torch.bfloat16)
+    assert torch.equal(bits(logits(as_saved)), bits(logits(model)))
+
+
 def test_mixed_dtypes_kept(tmp_path: Path) -> None:
     model = tiny_compressed_llama(torch.bfloat16)
     model.model.norm.weight.data = torch.rand(64, dtype=torch.float32)
