@@ -9,14 +9,21 @@ settings:
   (b) 2:8 with compression ratio rho = 0.5 for the sparse + low-rank methods (per-layer rank
       from the rho formula), the pruning baselines at 4:8 and 2:4 (50 %: the same budget).
 
-Columns: WikiText-2, PTB and C4 perplexity (SparseGPT protocol) and the parameters stored by the
-compressed linear layers. Calibration: random C4 windows from documents 1100-1999. Each finished
+A method name may end in ``+match``: the same method with block-output matching
+(``--match-epochs/--match-lr/--match-target``). Columns: WikiText-2, PTB and C4 perplexity
+(SparseGPT protocol) and the parameters stored by the compressed linear layers. Calibration: random C4 windows from documents 1100-1999. Each finished
 row is kept as a small JSON file under benchmarks/results/methods_table_rows/ (keyed by its
 settings, not by the code: --fresh after changing the code), so a rerun of the same command, even
 in a later checkout, skips it and a long table can be filled in several sittings. The table goes
 to stdout, one JSON line to benchmarks/results/methods_table.jsonl (or --results).
 
-    python benchmarks/methods_table.py --model smollm2 --nsamples 128 --seqlen 2048 --iterations 80
+    python benchmarks/methods_table.py --model smollm2 --nsamples 128 --seqlen 2048 --dtype bfloat16 \
+        --methods dense sparsegpt oats hassle-free-fast hassle-free-fast+match --settings a
+
+``--iterations`` (default: each preset's own) applies to every sparse + low-rank row.
+``--reuse DIR ...`` takes rows from finished ``hasslefree compress`` output directories
+whose run matches the row (method, pattern, rank, calibration, dtype, matching) instead of
+compressing again; the compressed model is loaded from DIR and evaluated.
 """
 
 from __future__ import annotations
@@ -36,20 +43,24 @@ from typing import Any
 import torch
 
 import hasslefree as hf
+from hasslefree.checkpoint import load_compressed
 from hasslefree.data import calibration_batch, eval_max_windows, eval_tokens
 from hasslefree.loading import load_model
 from hasslefree.perplexity import model_context_length, perplexity
-from hasslefree.pipeline import DEFAULT_SKIP, compress, prepare
+from hasslefree.pipeline.resume import tensor_digest
+from methods_table_format import DATASETS, MATCH, MODEL_NOTES, SETTINGS, header, table
+from hasslefree.pipeline import DEFAULT_SKIP, MatchOptions, compress, prepare
 
 logger = logging.getLogger("methods_table")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "methods_table.jsonl"
 CACHE = ROOT / "benchmarks" / "results" / "methods_table_rows"
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "oats", "hassle-free", "hassle-free-exact", "hassle-free-fast"]
-DATASETS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
-SETTINGS = {"a": "(a) 2:4 + rank {rank}", "b": "(b) 2:8, rho = {rho}"}
-MODEL_NOTES = {"smollm2": "SmolLM2-135M-Instruct; weights 4-bit (Q4_1 GGUF) quantised, dequantised to fp32",
-               "stories260k": "stories260K (llama2.c, exact fp32)"}
+
+
+
+def base_method(method: str) -> str:
+    return method.removesuffix(MATCH)
 
 
 def rows_for(setting: str, methods: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -58,7 +69,7 @@ def rows_for(setting: str, methods: list[str], args: argparse.Namespace) -> list
     for method in methods:
         if method == "dense":
             rows.append({"method": "dense", "pattern": "dense", "rank": None})
-        elif hf.PRESETS[method].prunes_only:
+        elif hf.PRESETS[base_method(method)].prunes_only:
             for pattern in (["2:4"] if setting == "a" else ["4:8", "2:4"]):
                 rows.append({"method": method, "pattern": pattern, "rank": 0})
         else:
@@ -67,13 +78,33 @@ def rows_for(setting: str, methods: list[str], args: argparse.Namespace) -> list
     return [dict(row, setting=setting) for row in rows]
 
 
+def match_options(row: dict[str, Any], args: argparse.Namespace) -> MatchOptions | None:
+    if not row["method"].endswith(MATCH):
+        return None
+    return MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target)
+
+
+def row_iterations(row: dict[str, Any], args: argparse.Namespace) -> int | None:
+    """The iterations the row runs (None: the preset's own), as keyed and as shown."""
+    preset = hf.PRESETS[base_method(row["method"])]
+    return None if preset.prunes_only else (args.iterations or preset.iterations)
+
+
 def row_key(row: dict[str, Any], args: argparse.Namespace) -> str:
-    """Everything that changes a row's numbers; the setting only labels it."""
+    """Everything that changes a row's numbers; the setting only labels it. Options at their old
+    defaults are left out, so rows cached before they existed keep their keys."""
     spec = {k: row[k] for k in ("method", "pattern", "rank")}
     spec.update({k: getattr(args, k) for k in ("model", "eval_seqlen", "eval_windows", "datasets", "skip")})
+    if args.eval_dtype != "float32":
+        spec["eval_dtype"] = args.eval_dtype
     if row["method"] != "dense":  # the dense row needs no calibration
         spec.update({k: getattr(args, k) for k in ("nsamples", "seqlen", "seed")})
-        spec["iterations"] = None if hf.PRESETS[row["method"]].prunes_only else args.iterations
+        spec["iterations"] = row_iterations(row, args)
+        if args.dtype != "float32":
+            spec["dtype"] = args.dtype
+        match = match_options(row, args)
+        if match is not None:
+            spec["match"] = match.to_dict()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -96,52 +127,60 @@ def evaluate(model: torch.nn.Module, tokens: dict[str, torch.Tensor], args: argp
 
 
 def run_row(row: dict[str, Any], calibration: torch.Tensor, tokens: dict[str, torch.Tensor],
-            args: argparse.Namespace) -> dict[str, Any]:
-    """Load the model fresh, compress it as the row says, evaluate it."""
+            args: argparse.Namespace, reuse: Path | None = None) -> dict[str, Any]:
+    """Load the model fresh, compress it as the row says (or load it from ``reuse``), evaluate it."""
     began = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     result: dict[str, Any] = {"load_s": time.perf_counter() - began,
                               "dense_parameters": dense_parameters(model, args.skip)}
     if row["method"] == "dense":
         result.update(parameters=result["dense_parameters"], ranks=None, compress_s=0.0)
+    elif reuse is not None:
+        report = json.loads((reuse / "report.json").read_text())
+        model = load_compressed(reuse)
+        ranks = [layer["rank"] for layer in report["layers"]]
+        result.update(parameters=report["parameters"], ranks=[min(ranks), max(ranks)],
+                      compress_s=report["timings"]["total"], reused=str(reuse))
     else:
         began = time.perf_counter()
-        prunes = hf.PRESETS[row["method"]].prunes_only
+        match = match_options(row, args)
+        prunes = hf.PRESETS[base_method(row["method"])].prunes_only
         report = compress(model, tok, calibration=calibration, pattern=row["pattern"], rank=rank_argument(row["rank"]),
-                          method=row["method"], iterations=None if prunes else args.iterations, seed=args.seed,
-                          skip=[*DEFAULT_SKIP, *args.skip], progress=False)
+                          method=base_method(row["method"]), iterations=None if prunes else args.iterations,
+                          seed=args.seed,
+                          skip=[*DEFAULT_SKIP, *args.skip], progress=False, match=match,
+                          activation_dtype=getattr(torch, args.dtype))
         ranks = [layer.rank for layer in report.layers]
         result.update(parameters=report.parameters, ranks=[min(ranks), max(ranks)],
-                      compress_s=time.perf_counter() - began)
+                      compress_s=time.perf_counter() - began, timings=report.timings)
     began = time.perf_counter()
-    result["ppl"] = evaluate(model, tokens, args)
+    result["ppl"] = evaluate(model.to(getattr(torch, args.eval_dtype)), tokens, args)
     result["eval_s"] = time.perf_counter() - began
     return result
 
 
-def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    names = [DATASETS.get(d, Path(d).name) for d in args.datasets]
-    lines = ["| setting | method | pattern | rank | params (linear) | / dense | " + " | ".join(names)
-             + " | compress s | eval s |", "|---|---|---|---|---|---|" + "---|" * (len(names) + 2)]
-    for r in rows:
-        rank = "—" if r["ranks"] is None else (f"{r['rank']} (r {r['ranks'][0]}–{r['ranks'][1]})"
-                                               if isinstance(r["rank"], str) else str(r["rank"]))
-        setting = "—" if r["method"] == "dense" else SETTINGS[r["setting"]].format(rank=args.rank, rho=args.rho)
-        ppl = " | ".join(f"{r['ppl'][d]:.2f}" for d in args.datasets)
-        lines.append(f"| {setting} | {r['method']} | {r['pattern']} | {rank} | {r['parameters']:,} | "
-                     f"{r['parameters'] / r['dense_parameters']:.3f} | {ppl} | {r['compress_s']:.1f} | "
-                     f"{r['eval_s']:.1f} |")
-    return "\n".join(lines)
+def reusable(directory: Path, row: dict[str, Any], calibration: torch.Tensor, args: argparse.Namespace) -> bool:
+    """Whether a finished ``hasslefree compress`` run in ``directory`` is this row's run."""
+    try:
+        config = json.loads((directory / "report.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    match = match_options(row, args)
+    pattern = str(hf.SparsityPattern.parse(row["pattern"]))
+    iterations = args.iterations if args.iterations else None
+    return (config.get("method") == base_method(row["method"]) and config.get("pattern") == pattern
+            and config.get("rank") == _policy_text(row["rank"]) and config.get("iterations") == iterations
+            and config.get("seed") == args.seed and config.get("calibration", {}).get("shape") == list(calibration.shape)
+            and config.get("calibration", {}).get("digest") == tensor_digest(calibration)
+            and config.get("activation_dtype") == f"torch.{args.dtype}"
+            and config.get("match") == (match.to_dict() if match else None))
 
 
-def header(args: argparse.Namespace) -> str:
-    note = MODEL_NOTES.get(args.model.lower(), args.model)
-    windows = "all windows (C4: 256)" if args.eval_windows is None else f"first {args.eval_windows} windows"
-    return (f"## {args.model}: {note}\n\nCalibration: {args.nsamples} x {args.seqlen} tokens from C4 (documents "
-            f"1100-1999, seed {args.seed}); {args.iterations} alternating iterations for the sparse + low-rank "
-            f"methods. Perplexity: windows of {args.eval_seqlen} tokens, {windows}. Pruning-only rows store only "
-            f"the kept weights (rank 0); params = stored values of the compressed linear layers"
-            + (f" (left dense and not counted: {', '.join(args.skip)})" if args.skip else "") + ".\n")
+def _policy_text(rank: int | str) -> str:
+    """The rank as a run's report.json records it."""
+    from hasslefree.pipeline.plan import as_rank_policy, policy_text
+
+    return policy_text(as_rank_policy(rank_argument(rank)))
 
 
 def _git(*argv: str) -> str:
@@ -154,11 +193,21 @@ def _git(*argv: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=["dense", *hf.PRESETS])
+    parser.add_argument("--methods", nargs="+", default=METHODS,
+                        choices=["dense", *hf.PRESETS, *(m + MATCH for m in hf.PRESETS)])
     parser.add_argument("--settings", nargs="+", default=["a", "b"], choices=list(SETTINGS))
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
-    parser.add_argument("--iterations", type=int, default=80, help="alternating iterations (S + LR methods)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="alternating iterations of every S + LR row (default: each preset's own)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="model dtype while compressing (forward passes, stored activations)")
+    parser.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--match-epochs", type=int, default=1, help="matching epochs of the +match rows")
+    parser.add_argument("--match-lr", type=float, default=1e-4)
+    parser.add_argument("--match-target", choices=("block", "model"), default="model")
+    parser.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="DIR",
+                        help="finished `hasslefree compress` directories to take matching rows from")
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window (capped at the context)")
     parser.add_argument("--eval-windows", type=int, default=None, help="first N windows per dataset (default all)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
@@ -188,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:  # every row's settings checked before the first (expensive) one runs
         try:
             if row["method"] != "dense":
-                prepare(model, pattern=row["pattern"], rank=rank_argument(row["rank"]), method=row["method"],
+                prepare(model, pattern=row["pattern"], rank=rank_argument(row["rank"]), method=base_method(row["method"]),
                         skip=[*DEFAULT_SKIP, *args.skip])
         except ValueError as error:
             parser.error(f"{row['method']} {row['pattern']} rank {row['rank']}: {error}")
@@ -210,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
                         row["rank"], path.name)
         else:
             logger.info("[%d/%d] %s %s rank %s ...", i, len(rows), row["method"], row["pattern"], row["rank"])
-            done[key] = run_row(row, calibration, tokens, args)
+            reuse = next((d for d in args.reuse if row["method"] != "dense" and reusable(d, row, calibration, args)),
+                         None)
+            if reuse is not None:
+                logger.info("    reusing the finished run in %s", reuse)
+            done[key] = run_row(row, calibration, tokens, args, reuse)
             done[key]["commit"] = _git("rev-parse", "--short", "HEAD")
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(done[key]))
