@@ -29,6 +29,7 @@ ROWS = [("load", "read streamed blocks"), ("capture", "capture block-0 inputs (e
         ("decompose", "decomposition (all layers)"), ("decompose.prepare", "  H damping / Cholesky / inverse"),
         ("decompose.P1", "  P1 (sparse step)"), ("decompose.P2", "  P2 (low-rank step)"),
         ("decompose.objective", "  objective of every iterate"), ("apply", "swap in compressed modules"),
+        ("match", "block-output matching (targets, training, output pass)"),
         ("propagate", "propagation forward passes"), ("checkpoint", "per-block checkpoints"),
         ("resume", "resume"), ("assemble", "assemble streamed model")]
 
