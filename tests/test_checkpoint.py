@@ -394,3 +394,30 @@ def test_scaled_down_measured_ratio(tmp_path: Path) -> None:
     est = estimate_compression(shapes, "2:4", 2, torch.bfloat16)
     assert info["totals"]["measured_bytes"] == pytest.approx(est["analytic_bytes"], rel=0.01)
     assert info["totals"]["ratio"] == pytest.approx(est["ratio"], rel=0.01)
+
+
+def test_codec_rejects_repeated_csr_entries_and_n_equal_m() -> None:
+    w = torch.tensor([[0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 0.0, 4.0]])
+    enc = encode_sparse(w, "unstructured")
+    enc["col_indices"] = torch.tensor([1, 1, 0, 3], dtype=enc["col_indices"].dtype)  # (0, 1) twice
+    with pytest.raises(ValueError, match="repeated or unsorted"):
+        decode_sparse(enc, "unstructured", (2, 4))
+    enc["col_indices"] = torch.tensor([2, 1, 0, 3], dtype=enc["col_indices"].dtype)  # unsorted in row 0
+    with pytest.raises(ValueError, match="repeated or unsorted"):
+        decode_sparse(enc, "unstructured", (2, 4))
+    for pattern in ("4:4", "1:1", "3:2"):
+        with pytest.raises(ValueError, match="N < M"):
+            parse_pattern(pattern)
+
+
+@pytest.mark.parametrize("entry", ["../outside.json", "/etc/passwd", "sub/tokenizer.json", "..", ""])
+def test_file_names_in_the_config_cannot_leave_the_folder(saved: Path, entry: str) -> None:
+    config = json.loads((saved / "hasslefree_config.json").read_text())
+    config["tokenizer_files"] = ["tokenizer.json", entry]
+    (saved / "hasslefree_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        load_compressed(saved)
+    from hasslefree.checkpoint import export_dense
+
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        export_dense(saved, saved.parent / "exported")

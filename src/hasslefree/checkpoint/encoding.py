@@ -58,8 +58,8 @@ def parse_pattern(pattern: str) -> SparsePattern:
     match = _NM_RE.match(pattern)
     if match:
         n, m = int(match.group(1)), int(match.group(2))
-        if not 1 <= n <= m or m < 2 or m > 65536:
-            raise ValueError(f"invalid N:M pattern {pattern!r}: need 1 <= N <= M, 2 <= M <= 65536")
+        if not 1 <= n < m or m > 65536:
+            raise ValueError(f"invalid N:M pattern {pattern!r}: need 1 <= N < M <= 65536")
         return SparsePattern("nm", n, m)
     name = pattern.strip().lower()
     if name in ("unstructured", "dense"):
@@ -181,6 +181,9 @@ def _decode_csr(t: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
     if nnz and (int(cols.min()) < 0 or int(cols.max()) >= in_f):
         raise ValueError("corrupted CSR column indices: out of range")
     rows = torch.repeat_interleave(torch.arange(out_f, device=values.device), counts)
+    same_row = rows[1:] == rows[:-1]
+    if bool((cols[1:] <= cols[:-1])[same_row].any()):
+        raise ValueError("corrupted CSR column indices: repeated or unsorted within a row")
     dense = torch.zeros(out_f, in_f, dtype=values.dtype, device=values.device)
     dense[rows, cols] = values
     return dense

@@ -161,7 +161,16 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
         for field in ("name", "kind"):
             if not isinstance(layer, dict) or field not in layer:
                 raise CheckpointError(path, f"layer #{i} is missing required field {field!r}")
+    for key in ("weights", "tokenizer_files"):  # file names read or copied from the folder: never a path out of it
+        for name in config.get(key) or []:
+            if not _plain_file_name(name):
+                raise CheckpointError(path, f"{key} entry {name!r} is not a plain file name inside the checkpoint")
     return config
+
+
+def _plain_file_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and Path(name).name == name and not Path(name).is_absolute())
 
 
 @contextmanager
