@@ -141,3 +141,19 @@ def test_the_result_reports_its_objective_under_the_damped_hessian_too(percdamp,
         assert result.damped_relative_objective == pytest.approx(result.relative_objective(hessian), rel=1e-9)
     else:
         assert result.damped_relative_objective != pytest.approx(result.relative_objective(hessian), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(percdamp=-0.1), dict(percdamp=float("nan")), dict(coordinate_damp=-1.0),
+                                 dict(tolerance=-1e-3), dict(tolerance=float("inf")), dict(patience=0)])
+def test_damping_and_early_stop_values_are_checked_before_work(bad):
+    weight, hessian = correlated_problem(8, 16, seed=2)
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free-exact", iterations=2, **bad)
+    with pytest.raises(ValueError, match=key):
+        hf.decompose_group({"a": weight}, hessian, pattern="2:4", rank=2, method="hassle-free-exact", **bad)
+    from hasslefree.pipeline import prepare
+    from tiny_models import tiny_llama
+
+    with pytest.raises(ValueError, match=key):
+        prepare(tiny_llama(), pattern="2:4", rank=4, method="hassle-free-fast", engine_options=bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 import time
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ def decompose_layer(
     raw = hessian.raw if isinstance(hessian, PreparedHessian) else hessian
     _validate(weight, raw, pattern, rank, method, iterations, sparse_solver, lowrank_solver, start, name)
     _validate_loop_options(loop_options)
+    check_numeric_options(percdamp=percdamp, coordinate_damp=coordinate_damp, tolerance=tolerance, patience=patience)
     began = time.perf_counter()
     prepared = (hessian if isinstance(hessian, PreparedHessian) else
                 prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype))
@@ -140,6 +142,8 @@ def decompose_group(
                   settings["iterations"], settings["sparse_solver"], settings["lowrank_solver"],
                   settings["start"], name)
     _validate_loop_options(settings["loop_options"])
+    check_numeric_options(percdamp=percdamp, coordinate_damp=coordinate_damp, tolerance=settings["tolerance"],
+                          patience=settings["patience"])
     began = time.perf_counter()
     prepared = prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype)
     _add(settings["clock"], "prepare", began)
@@ -244,6 +248,18 @@ def resolve_layer(out_features: int, in_features: int, pattern: str | SparsityPa
 
 
 _LOOP_OPTIONS = ("refresh_every", "refine_iterations", "probe")
+
+
+def check_numeric_options(*, percdamp: float = 0.01, coordinate_damp: float = 0.0, tolerance: float | None = None,
+                          patience: int = 5) -> None:
+    """Damping and early-stop values: finite and non-negative (patience a positive integer)."""
+    for key, value in (("percdamp", percdamp), ("coordinate_damp", coordinate_damp), ("tolerance", tolerance)):
+        if value is None and key == "tolerance":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
 
 
 def _validate_loop_options(options: dict | None) -> None:

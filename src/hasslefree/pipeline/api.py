@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hasslefree.decompose import decompose_group, decompose_layer
+from hasslefree.decompose import check_numeric_options, decompose_group, decompose_layer
 from hasslefree.hss.options import HSSOptions
 from hasslefree.patterns import SparsityPattern
 from hasslefree.rank_policy import RankPolicy
@@ -48,6 +48,8 @@ def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: i
     unknown = set(engine_options or {}) - (known - _PIPELINE_SET)
     if unknown:
         raise ValueError(f"unknown engine option(s) {', '.join(sorted(unknown))}; see hasslefree.decompose_layer")
+    check_numeric_options(**{k: v for k, v in (engine_options or {}).items()
+                             if k in ("percdamp", "coordinate_damp", "tolerance", "patience")})
     arch = resolve_architecture(model)
     defaults = LayerSettings(SparsityPattern.parse(pattern), as_rank_policy(rank), method, iterations, hss_options)
     plan = build_plan(model, arch, defaults, overrides, skip)
