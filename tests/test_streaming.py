@@ -82,3 +82,34 @@ def test_streaming_errors_are_clear(tmp_path):
     (folder / "model.safetensors").rename(folder / "other.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         open_streaming(folder)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_streaming_finds_the_blocks_of_other_layouts(tmp_path, family):
+    from tiny_models import tiny_model
+
+    model = tiny_model(family, num_hidden_layers=2) if family == "opt" else tiny_model(family)
+    model.save_pretrained(str(tmp_path / "model"))
+    streamed, weights = open_streaming(tmp_path / "model")
+    from hasslefree.pipeline import resolve_architecture
+
+    path = resolve_architecture(streamed).blocks
+    assert path == weights.prefix and all(p.is_meta for p in streamed.get_submodule(path).parameters())
+    ids = token_batch(2, 16)
+    compress(model, calibration=ids, out_dir=tmp_path / "memory", **OPTIONS)
+    compress(streamed, calibration=ids, out_dir=tmp_path / "streamed", block_weights=weights, **OPTIONS)
+    a, b = load_compressed(tmp_path / "memory").state_dict(), load_compressed(tmp_path / "streamed").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_that_lacks_a_block_tensor_fails_on_opening(tmp_path):
+    _, folder = _saved(tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    from safetensors.torch import save_file
+
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):  # before any block is read
+        open_streaming(folder)
+    with pytest.raises(ValueError, match="no block list"):
+        open_streaming(folder, blocks_path="model.nothing")

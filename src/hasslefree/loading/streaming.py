@@ -34,7 +34,7 @@ class BlockWeights:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self.files]
         if missing:
-            raise KeyError(f"the checkpoint has no tensor {missing[0]!r}")
+            raise ValueError(f"the checkpoint has no tensor {missing[0]!r}")
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -71,12 +71,14 @@ def tensor_files(directory: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
-def open_streaming(directory: str | Path, blocks_path: str = "model.layers",
+def open_streaming(directory: str | Path, blocks_path: str | None = None,
                    dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, BlockWeights]:
     """``(model, weights)``: the model with every decoder block left on the meta device.
 
-    Fails before reading any weight when the folder is not a safetensors checkpoint or when a
-    block holds buffers that are not stored in it (they could not be restored per block).
+    ``blocks_path`` (default: the architecture registry's, e.g. ``model.layers`` for Llama,
+    ``transformer.h`` for GPT-2) names the block list. Fails with a ValueError before reading
+    any block when the folder is not a safetensors checkpoint, the blocks cannot be found, or
+    a block holds buffers that are not stored in it (they could not be restored per block).
     """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -89,8 +91,19 @@ def open_streaming(directory: str | Path, blocks_path: str = "model.layers",
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    blocks = model.get_submodule(blocks_path)
+    if blocks_path is None:
+        from hasslefree.pipeline.registry import resolve_architecture
+
+        blocks_path = resolve_architecture(model).blocks
+    try:
+        blocks = model.get_submodule(blocks_path)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} has no block list at {blocks_path!r}") from None
     for index, block in enumerate(blocks):
+        absent = [f"{blocks_path}.{index}.{key}" for key in block.state_dict()
+                  if f"{blocks_path}.{index}.{key}" not in files]
+        if absent:
+            raise ValueError(f"the checkpoint in {directory} has no tensor {absent[0]!r}")
         volatile = set(dict(block.named_buffers())) - set(block.state_dict())
         if volatile:
             raise ValueError(f"block {index} has buffers not stored in the checkpoint ({sorted(volatile)[0]}); "
