@@ -124,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", help="model whose tokenizer to use (default: the one saved or loaded)")
     e.add_argument("--tasks", help="comma-separated lm-eval tasks, 0-shot (hasslefree[zeroshot]); --ppl '' skips ppl")
     e.add_argument("--tasks-path", help="folder (or YAML file) of extra local lm-eval task definitions")
+    e.add_argument("--tasks-data", metavar="DIR",
+                   help="zero-shot data folder of the eight paper tasks (default: shared/data/zeroshot)")
     e.add_argument("--limit", type=int, help="score only the first N examples of each task")
     e.add_argument("--batch-size", type=int, default=1, help="zero-shot batch size")
+    e.add_argument("--json", metavar="PATH", help="also write the perplexities and accuracies to this JSON file")
     e.set_defaults(handler=_eval)
 
     i = sub.add_parser("info", parents=[quiet], help="sizes of a compressed checkpoint")
@@ -259,15 +262,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         datasets, tasks = check_eval_inputs(args.ppl, args.tasks, max_windows=args.max_windows,
-                                            tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size)
+                                            tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size,
+                                            tasks_data=args.tasks_data, json_path=args.json)
         device = _device(args.device)
         model, tokenizer = _load(args.model, args.dtype, device=device, tokenizer=args.tokenizer)
         seqlen = check_seqlen(model, args.seqlen) if datasets else None
     except (ValueError, OSError, ImportError) as exc:
         raise UsageError(_one_line(exc)) from None
     tables = eval_tables(model, tokenizer, datasets, seqlen, tasks, max_windows=args.max_windows,
-                         tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size)
-    sys.stdout.write(f"{args.model}\n{tables}\n")
+                         tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size,
+                         tasks_data=args.tasks_data, json_path=args.json, model_name=args.model)
+    sys.stdout.write(f"{args.model}\n{tables}\n" + (f"wrote {args.json}\n" if args.json else ""))
     return 0
 
 

@@ -138,9 +138,11 @@ def _cell(value: Any) -> str:
 
 
 def check_eval_inputs(ppl: str, tasks: str | None, *, max_windows: int | None = None, tasks_path: str | None = None,
-                      limit: int | None = None, batch_size: int = 1) -> tuple[list[str], list[str]]:
+                      limit: int | None = None, batch_size: int = 1, tasks_data: str | None = None,
+                      json_path: str | Path | None = None) -> tuple[list[str], list[str]]:
     """``hasslefree eval``'s comma-separated datasets and tasks, checked before any model is
-    loaded (ValueError, OSError, or ImportError when tasks need a missing lm-eval)."""
+    loaded (ValueError, OSError, or ImportError when tasks need a missing lm-eval): unknown
+    tasks, a missing zero-shot data folder or task file, a JSON path in no folder."""
     from hasslefree.data import resolve_source
 
     datasets = [d.strip() for d in ppl.split(",") if d.strip()]
@@ -156,25 +158,67 @@ def check_eval_inputs(ppl: str, tasks: str | None, *, max_windows: int | None = 
 
         if (limit is not None and limit < 1) or batch_size < 1:
             raise ValueError("--limit and --batch-size must be >= 1")
-        task_manager(names, tasks_path)
-    elif tasks_path or limit is not None:
-        raise ValueError("--tasks-path and --limit need --tasks")
+        task_manager(names, tasks_path, tasks_data)
+    elif tasks_path or tasks_data or limit is not None:
+        raise ValueError("--tasks-path, --tasks-data and --limit need --tasks")
+    if json_path is not None:
+        folder = Path(json_path).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--json {json_path}: folder {folder} does not exist")
     return datasets, names
+
+
+def eval_results(model: nn.Module, tokenizer: Any, datasets: Sequence[str], seqlen: int | None, tasks: Sequence[str],
+                 *, max_windows: int | None = None, tasks_path: str | None = None, limit: int | None = None,
+                 batch_size: int = 1, tasks_data: str | None = None) -> tuple[list[PerplexityRow], list[Any]]:
+    """The perplexity rows, then the zero-shot rows (each empty unless asked for)."""
+    ppl_rows: list[PerplexityRow] = []
+    if datasets:
+        assert seqlen is not None
+        ppl_rows = perplexities(model, tokenizer, datasets, seqlen, max_windows=max_windows)
+    zs_rows: list[Any] = []
+    if tasks:
+        from hasslefree.zeroshot import zero_shot_rows
+
+        zs_rows = zero_shot_rows(model, tokenizer, tasks, batch_size=batch_size, limit=limit, include_path=tasks_path,
+                                 tasks_data=tasks_data)
+    return ppl_rows, zs_rows
+
+
+def results_json(model: str, ppl_rows: Sequence[PerplexityRow], zs_rows: Sequence[Any], *,
+                 limit: int | None = None) -> dict[str, Any]:
+    """What ``hasslefree eval --json`` writes: perplexity per dataset, 0-shot accuracy (a
+    fraction) per task and their plain average over the tasks that are not groups."""
+    out: dict[str, Any] = {"model": model,
+                           "perplexity": {r.dataset: {"perplexity": r.perplexity, "seqlen": r.seqlen,
+                                                      "windows": r.windows} for r in ppl_rows}}
+    if zs_rows:
+        leaves = [r.accuracy for r in zs_rows if r.samples]
+        out["zeroshot"] = {r.task: {"accuracy": r.accuracy, "metric": r.metric, "samples": r.samples} for r in zs_rows}
+        out["zeroshot_average"] = sum(leaves) / len(leaves) if leaves else None
+        out["zeroshot_limit"] = limit
+    return out
 
 
 def eval_tables(model: nn.Module, tokenizer: Any, datasets: Sequence[str], seqlen: int | None, tasks: Sequence[str],
                 *, max_windows: int | None = None, tasks_path: str | None = None, limit: int | None = None,
-                batch_size: int = 1) -> str:
-    """The perplexity table, then the zero-shot table (each only when asked for)."""
+                batch_size: int = 1, tasks_data: str | None = None, json_path: str | Path | None = None,
+                model_name: str = "") -> str:
+    """The perplexity table, then the zero-shot table (each only when asked for); with
+    ``json_path``, the same numbers also go to that JSON file (:func:`results_json`)."""
+    ppl_rows, zs_rows = eval_results(model, tokenizer, datasets, seqlen, tasks, max_windows=max_windows,
+                                     tasks_path=tasks_path, limit=limit, batch_size=batch_size, tasks_data=tasks_data)
     tables = []
     if datasets:
-        assert seqlen is not None
-        rows = perplexities(model, tokenizer, datasets, seqlen, max_windows=max_windows)
         tables.append(format_table(("dataset", "seqlen", "windows", "perplexity"),
-                                   [(r.dataset, r.seqlen, r.windows, r.perplexity) for r in rows]))
+                                   [(r.dataset, r.seqlen, r.windows, r.perplexity) for r in ppl_rows]))
     if tasks:
-        from hasslefree.zeroshot import format_rows, zero_shot_rows
+        from hasslefree.zeroshot import format_rows
 
-        tables.append(format_rows(zero_shot_rows(model, tokenizer, tasks, batch_size=batch_size, limit=limit,
-                                                 include_path=tasks_path)))
+        tables.append(format_rows(zs_rows))
+    if json_path is not None:
+        import json
+
+        results = results_json(model_name, ppl_rows, zs_rows, limit=limit)
+        Path(json_path).expanduser().write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return "\n\n".join(tables)

@@ -3,18 +3,27 @@
 The papers' protocol: 0-shot, ``acc_norm`` where a task reports it, else ``acc``, and the
 plain mean over tasks — usually piqa, hellaswag, arc_easy, arc_challenge, winogrande, rte,
 openbookqa and boolq (:data:`PAPER_TASKS`). An already-loaded model (dense or compressed) is
-wrapped in lm-eval's ``HFLM`` as it is: nothing is reloaded from the hub, although the
-tasks' datasets are, unless ``include_path`` points at local task YAMLs whose data is local.
+wrapped in lm-eval's ``HFLM`` as it is: nothing is reloaded from the hub.
+
+Those eight tasks read local files (:data:`LOCAL_TASKS`): their definitions ship in
+:mod:`hasslefree.zeroshot_tasks` under lm-eval's standard names, with the standard prompts,
+choices, targets and metrics, and take precedence over lm-eval's hub-backed tasks. Their data
+folder is ``zeroshot/`` of the shared data folder (found by
+:func:`hasslefree.loading.find_data_dir`: ``$HASSLEFREE_DATA``, else ``shared/data`` above the
+working directory or the package), or the folder passed as ``tasks_data``. Task definitions
+under ``include_path`` override both these and lm-eval's.
 
 lm-eval is imported only inside these functions, so the rest of hasslefree never needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +31,12 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PAPER_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "rte", "openbookqa", "boolq")
+LOCAL_TASKS = PAPER_TASKS  # defined in hasslefree/zeroshot_tasks on the files of the zero-shot data folder
+DATA_FOLDER = "zeroshot"  # the zero-shot data folder's name inside the shared data folder
 INSTALL_HINT = "pip install 'hasslefree[zeroshot]'"
 AVERAGE = "average"
+
+PathList = str | Path | Sequence[str | Path] | None
 
 
 @dataclass(frozen=True)
@@ -43,9 +56,112 @@ def require_lm_eval() -> Any:
     return lm_eval
 
 
-def task_manager(tasks: Sequence[str], include_path: str | Path | Sequence[str | Path] | None = None) -> Any:
-    """An lm-eval TaskManager that knows every name in ``tasks``; a ValueError naming close
-    matches for unknown ones. Loads no model and no dataset."""
+# ---------------------------------------------------------------- the local task definitions
+
+
+def tasks_data_dir(tasks_data: str | Path | None = None, tasks: Sequence[str] = ()) -> Path | None:
+    """The zero-shot data folder: ``tasks_data`` (that folder itself, or a data folder holding
+    ``zeroshot/``; it must exist: the FileNotFoundError names ``tasks``), else ``zeroshot/`` of
+    the shared data folder, else None."""
+    from hasslefree.loading.paths import find_data_dir
+
+    if tasks_data is not None:
+        path = Path(tasks_data).expanduser()
+        if not path.is_dir():
+            needed = f" (needed by task{'s' if len(tasks) > 1 else ''} {', '.join(map(repr, tasks))})" if tasks else ""
+            raise FileNotFoundError(f"zero-shot data folder {path} does not exist{needed}")
+        return (path / DATA_FOLDER if (path / DATA_FOLDER).is_dir() else path).resolve()
+    root = find_data_dir(required=False)
+    folder = root / DATA_FOLDER if root is not None else None
+    return folder.resolve() if folder is not None and folder.is_dir() else None
+
+
+def _where_data_was_looked_for() -> str:
+    from hasslefree.loading.paths import DATA_ENV, find_data_dir
+
+    root = find_data_dir(required=False)
+    where = f"{root / DATA_FOLDER}, which does not exist" if root is not None else \
+        f"shared/data/{DATA_FOLDER}, but there is no shared/data folder"
+    return f"looked for {where} (set ${DATA_ENV} or pass --tasks-data DIR)"
+
+
+def _template(task: str) -> Path:
+    from hasslefree.zeroshot_tasks import TEMPLATES
+
+    return TEMPLATES / f"{task}.yaml"
+
+
+def _file_kwargs(task: str) -> dict[str, Any]:
+    """The ``dataset_kwargs`` of a shipped task YAML (every string in it a file path relative
+    to the data folder), read without resolving its ``!function`` tags."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return yaml.load(_template(task).read_text(encoding="utf-8"), Loader=Loader)["dataset_kwargs"]  # noqa: S506
+
+
+def _map_strings(value: Any, function: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _map_strings(v, function) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, function) for v in value]
+    return function(value) if isinstance(value, str) else value
+
+
+def local_task_files(task: str, data_dir: str | Path) -> list[Path]:
+    """The files the local task ``task`` reads inside ``data_dir``."""
+    files: list[Path] = []
+    _map_strings(_file_kwargs(task), lambda rel: files.append(Path(data_dir) / rel))
+    return files
+
+
+def check_local_data(task: str, data_dir: str | Path | None) -> None:
+    """A one-line FileNotFoundError naming the task and the folder when the data folder or one
+    of the task's files is missing."""
+    if data_dir is None:
+        raise FileNotFoundError(f"no zero-shot data folder for task {task!r}: {_where_data_was_looked_for()}")
+    missing = [str(p.relative_to(data_dir)) for p in local_task_files(task, data_dir) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"task {task!r}: {', '.join(missing)} missing from the zero-shot data folder "
+                                f"{data_dir}")
+
+
+_FOLDERS: dict[Path, tempfile.TemporaryDirectory] = {}
+
+
+def local_task_folder(data_dir: str | Path) -> Path:
+    """A folder of one YAML per local task that includes the shipped definition and sets its
+    ``dataset_kwargs`` to the absolute paths under ``data_dir`` (lm-eval would take relative
+    data files from the working directory). Written once per data folder and process; removed
+    when the interpreter exits."""
+    import yaml
+
+    data_dir = Path(data_dir).resolve()
+    if data_dir not in _FOLDERS:
+        folder = tempfile.TemporaryDirectory(prefix="hasslefree-zeroshot-tasks-")
+        for task in LOCAL_TASKS:
+            config = {"include": str(_template(task)),
+                      "dataset_kwargs": _map_strings(_file_kwargs(task), lambda rel: str(data_dir / rel))}
+            header = f"# lm-eval task {task} on the files in {data_dir}, written by hasslefree.zeroshot\n"
+            (Path(folder.name) / f"{task}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False),
+                                                             encoding="utf-8")
+        _FOLDERS[data_dir] = folder
+    return Path(_FOLDERS[data_dir].name)
+
+
+# ---------------------------------------------------------------- the task manager
+
+
+def task_manager(tasks: Sequence[str], include_path: PathList = None, tasks_data: str | Path | None = None) -> Any:
+    """An lm-eval TaskManager that knows every name in ``tasks``: a ValueError naming close
+    matches for unknown ones, then a FileNotFoundError for a local task (:data:`LOCAL_TASKS`)
+    whose data folder or files are missing. Loads no model and no dataset.
+
+    The local tasks are defined on the zero-shot data folder (:func:`tasks_data_dir` of
+    ``tasks_data``); tasks under ``include_path`` (folders or YAML files) override them."""
     require_lm_eval()
     names = list(tasks)
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
@@ -54,7 +170,9 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | Sequence[str |
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"task path {path} does not exist")
-    manager = _manager(tuple(str(Path(p).resolve()) for p in paths))
+    data_dir = tasks_data_dir(tasks_data, [n for n in names if n in LOCAL_TASKS])
+    local = [local_task_folder(data_dir)] if data_dir is not None else []
+    manager = _manager(tuple(str(Path(p).resolve()) for p in [*local, *paths]))  # later ones take precedence
     known = set(manager.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -64,23 +182,63 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | Sequence[str |
             hints.append(f"{name!r} (close: {', '.join(close)})" if close else repr(name))
         where = f" (searched lm-eval's tasks and {', '.join(map(str, paths))})" if paths else ""
         raise ValueError(f"unknown lm-eval task{'s' if len(unknown) > 1 else ''}: {'; '.join(hints)}{where}")
+    for name in names:
+        if name in LOCAL_TASKS and not _defined_under(manager, name, paths):
+            check_local_data(name, data_dir)
     return manager
 
 
-@functools.lru_cache(maxsize=4)
+def _defined_under(manager: Any, name: str, paths: Sequence[str | Path]) -> bool:
+    """Whether the task ``name`` that ``manager`` builds comes from one of ``paths``."""
+    where = getattr(manager.task_index.get(name), "yaml_path", None)
+    if where is None:
+        return False
+    where = Path(where).resolve()
+    return any(where == p or p in where.parents for p in (Path(p).resolve() for p in paths))
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains one of ``parts``."""
+
+    def __init__(self, *parts: str) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(part in message for part in self.parts)
+
+
+@contextlib.contextmanager
+def _dropped(logger_name: str, *parts: str) -> Iterator[None]:
+    target = logging.getLogger(logger_name)
+    drop = _DropMessages(*parts)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+@functools.lru_cache(maxsize=8)
 def _manager(paths: tuple[str, ...]) -> Any:
-    """Indexing every lm-eval task takes seconds: one TaskManager per set of include paths."""
+    """Indexing every lm-eval task takes seconds: one TaskManager per set of include paths.
+    lm-eval's warning that each local task overrides the standard one is expected, so dropped."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(paths) or None)
+    with _dropped("lm_eval.tasks._index", *(folder.name for folder in _FOLDERS.values())):
+        return TaskManager(include_path=list(paths) or None)
+
+
+# ---------------------------------------------------------------- evaluation
 
 
 def zero_shot_rows(model: Any, tokenizer: Any, tasks: Sequence[str], *, batch_size: int | str = 1,
                    limit: int | float | None = None, device: str | Any | None = None,
-                   include_path: str | Path | Sequence[str | Path] | None = None) -> list[ZeroShotRow]:
+                   include_path: PathList = None, tasks_data: str | Path | None = None) -> list[ZeroShotRow]:
     """One row per evaluated task (a group's subtasks each get one; a group with its own
     aggregate gets one too): ``acc_norm`` where reported, else ``acc``."""
-    manager = task_manager(tasks, include_path)
+    manager = task_manager(tasks, include_path, tasks_data)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
     from lm_eval import simple_evaluate
@@ -95,8 +253,10 @@ def zero_shot_rows(model: Any, tokenizer: Any, tasks: Sequence[str], *, batch_si
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     finally:
         hf_logger.setLevel(level)
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
-                          log_samples=False)
+    # piqa and winogrande load through custom_dataset, which lm-eval always warns about
+    with _dropped("lm_eval.api.task", *(f"{name}: Custom kwargs can be passed" for name in LOCAL_TASKS)):
+        out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
+                              log_samples=False)
     groups = {name for name, subtasks in (out.get("group_subtasks") or {}).items() if subtasks}
     rows = []
     for name, metrics in out["results"].items():
@@ -113,18 +273,20 @@ def zero_shot_rows(model: Any, tokenizer: Any, tasks: Sequence[str], *, batch_si
 
 def zero_shot(model: Any, tokenizer: Any, tasks: list[str], *, batch_size: int | str = 1,
               limit: int | float | None = None, device: str | Any | None = None,
-              include_path: str | Path | Sequence[str | Path] | None = None) -> dict[str, float]:
+              include_path: PathList = None, tasks_data: str | Path | None = None) -> dict[str, float]:
     """0-shot accuracy per task (``acc_norm`` where present, else ``acc``; fractions) plus
     ``"average"``, the unweighted mean over the tasks that are not groups.
 
     ``model``/``tokenizer``: a loaded causal LM and its tokenizer (e.g. from
     :func:`hasslefree.evaluate.load_any`); ``device`` moves the model there first, otherwise
     it runs where it is. ``limit``: at most this many examples per task (or a fraction).
-    ``include_path``: folder(s) or YAML file(s) of extra lm-eval tasks. Unknown task names and
-    a missing lm-eval raise before anything is evaluated.
+    ``include_path``: folder(s) or YAML file(s) of extra lm-eval tasks (they override others of
+    the same name). ``tasks_data``: the zero-shot data folder of the local :data:`LOCAL_TASKS`
+    (default: ``zeroshot/`` of the shared data folder). Unknown task names, missing local data
+    and a missing lm-eval raise before anything is evaluated.
     """
     rows = zero_shot_rows(model, tokenizer, tasks, batch_size=batch_size, limit=limit, device=device,
-                          include_path=include_path)
+                          include_path=include_path, tasks_data=tasks_data)
     scores = {r.task: r.accuracy for r in rows}
     leaves = [r.accuracy for r in rows if r.samples]
     if leaves:
