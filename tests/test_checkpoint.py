@@ -421,3 +421,19 @@ def test_file_names_in_the_config_cannot_leave_the_folder(saved: Path, entry: st
 
     with pytest.raises(CheckpointError, match="not a plain file name"):
         export_dense(saved, saved.parent / "exported")
+
+
+@pytest.mark.parametrize("source", ["../elsewhere/model.bin", "/tmp/evil.gguf", "someone/some-model"])
+def test_eval_never_loads_a_model_named_inside_an_untrusted_checkpoint(tmp_path: Path, monkeypatch, source) -> None:
+    """run_config.model comes from the checkpoint file: it is not a licence to read other paths."""
+    from hasslefree import evaluate
+
+    save_compressed(tiny_compressed_llama(), tmp_path, run_config={"method": "hasslefree", "model": source})
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a model named by the checkpoint was loaded")
+
+    monkeypatch.setattr("hasslefree.loading.load_model", refuse)
+    monkeypatch.setattr("hasslefree.loading.llama2c.load_llama2c_tokenizer", refuse)
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        evaluate.load_any(tmp_path)

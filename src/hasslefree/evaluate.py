@@ -65,11 +65,16 @@ def _tokenizer_from(spec: str) -> Any:
 
 def _checkpoint_tokenizer(directory: Path, source: str | None) -> Any:
     """The tokenizer saved with the checkpoint, except for llama2.c sources whose sentencepiece
-    tokenizer does not round-trip through ``save_pretrained``: that is reloaded from its file."""
-    from hasslefree.loading import resolve_alias
+    tokenizer does not round-trip through ``save_pretrained``: that is reloaded from its file.
 
-    if source:
-        path = Path(resolve_alias(source)) if _resolvable(source) else None
+    ``source`` comes from the checkpoint's own JSON, so it is untrusted: only a built-in alias
+    (``smollm2``, ``stories260K``) is ever loaded from it, never a path or hub id it names.
+    """
+    from hasslefree.loading import ALIASES, resolve_alias
+
+    alias = source if source and source.lower() in {a.lower() for a in ALIASES} else None
+    if alias:
+        path = Path(resolve_alias(alias)) if _resolvable(alias) else None
         if path is not None and path.suffix == ".bin" and path.is_file():
             from hasslefree.loading.llama2c import load_llama2c_tokenizer
 
@@ -79,10 +84,11 @@ def _checkpoint_tokenizer(directory: Path, source: str | None) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as exc:
-        if source:
-            logger.info("no usable tokenizer in %s (%s); loading the one of %s", directory, exc, source)
-            return _tokenizer_from(source)
-        raise FileNotFoundError(f"{directory} holds no tokenizer; pass one with --tokenizer") from exc
+        if alias:
+            logger.info("no usable tokenizer in %s (%s); loading the one of %s", directory, exc, alias)
+            return _tokenizer_from(alias)
+        named = f" (its run config names {source!r}, which is not loaded from a checkpoint file)" if source else ""
+        raise FileNotFoundError(f"{directory} holds no tokenizer{named}; pass one with --tokenizer") from exc
 
 
 def _resolvable(source: str) -> bool:
