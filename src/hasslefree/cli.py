@@ -1,4 +1,4 @@
-"""``hasslefree`` command line: compress, eval, info, export.
+"""``hasslefree`` command line: compress, eval, info, export, generate.
 
 Every argument, and every targeted layer of the model, is checked before the first block
 is compressed; bad input ends with one ``hasslefree: error: ...`` line and exit code 2.
@@ -12,14 +12,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from hasslefree.cli_args import (HSS_FLAGS, UsageError, device_from_arg, dtype_from_arg, hss_from_args, one_line,
+                                  parse_overrides, rank_from_args)
+
 logger = logging.getLogger("hasslefree.cli")
+
+__all__ = ["HSS_FLAGS", "UsageError", "build_parser", "hss_from_args", "main", "parse_overrides", "rank_from_args"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit code 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,74 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", choices=("dense", "peft"), required=True)
     x.add_argument("output")
     x.set_defaults(handler=_export)
+
+    g = sub.add_parser("generate", parents=[quiet], help="generate text from a model or compressed directory")
+    g.add_argument("model", help="a compressed directory or anything `compress` accepts")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    g.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep sparse + low-rank layers packed in memory (default; --no-packed: dense storage)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--device", default=None)
+    g.add_argument("--tokenizer", help="model whose tokenizer to use (default: the one saved or loaded)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (with --sample)")
+    g.set_defaults(handler=_generate)
     return parser
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """'REGEX=key:value,key:value' items into compress()'s overrides mapping."""
-    overrides: dict[str, dict[str, Any]] = {}
-    for item in items:
-        regex, sep, spec = item.rpartition("=")
-        if not sep or not regex or not spec:
-            raise UsageError(f"--override {item!r}: expected REGEX=key:value[,key:value...]")
-        values: dict[str, Any] = {}
-        for part in spec.split(","):
-            key, _, value = part.partition(":")
-            key = key.strip()
-            if key == "skip":
-                values["skip"] = value.strip().lower() not in {"0", "false", "no"}
-            elif key in {"rank", "iterations"}:
-                try:
-                    values[key] = int(value)
-                except ValueError:
-                    raise UsageError(f"--override {item!r}: {key} must be an integer, got {value!r}") from None
-            elif key in {"pattern", "method"} and value:
-                values[key] = value.strip()
-            else:
-                raise UsageError(f"--override {item!r}: unknown or empty key {part!r}; "
-                                 "use pattern, rank, method, iterations or skip")
-        overrides.setdefault(regex, {}).update(values)
-    return overrides
-
-
-def rank_from_args(args: argparse.Namespace) -> Any:
-    from hasslefree.rank_policy import RankPolicy
-
-    if args.kappa is not None:
-        if args.rho is None:
-            raise UsageError("--kappa needs --rho (the overall compression ratio)")
-        return RankPolicy.rank_ratio(args.kappa, args.rho)
-    if args.rho is not None:
-        return RankPolicy.compression(args.rho)
-    return args.rank
-
-
-HSS_FLAGS = {"sparsity": "sparsity", "outer_rank": "outer_rank", "hss_budget": "budget", "leaf": "leaf",
-             "min_rank": "min_rank", "rank_decay": "rank_decay", "sweeps": "sweeps"}
-
-
-def hss_from_args(args: argparse.Namespace) -> Any:
-    """HSSOptions from the HSS flags that were given, or None when none was."""
-    from hasslefree.hss import HSSOptions
-
-    given = {field: getattr(args, flag) for flag, field in HSS_FLAGS.items() if getattr(args, flag) is not None}
-    return HSSOptions.from_value(given) if given else None
-
-
-def _dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} requested but CUDA is not available")
-    return name
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -230,7 +178,7 @@ def _compress(args: argparse.Namespace) -> int:
         if match.enabled and args.no_modules:
             raise ValueError("--match-epochs tunes the compressed modules; it cannot run with --no-modules")
         SparsityPattern.parse(args.pattern)
-        device = _device(args.device)
+        device = device_from_arg(args.device)
         if args.nsamples < 1 or args.batch_size < 1:
             raise ValueError("--nsamples and --batch-size must be >= 1")
         resolve_source(args.calib, split="calib")
@@ -241,7 +189,7 @@ def _compress(args: argparse.Namespace) -> int:
         calibration = check_calibration(model, calibration_batch(tokenizer, args.calib, args.nsamples, seqlen,
                                                                  args.seed))
     except (ValueError, OSError) as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
     try:
         with _logging_beside_bars(not args.quiet):
             report = compress(model, tokenizer, calibration=calibration, pattern=args.pattern, rank=rank,
@@ -249,10 +197,10 @@ def _compress(args: argparse.Namespace) -> int:
                               device=device, out_dir=args.out, seed=args.seed, progress=not args.quiet,
                               batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
                               dense=args.no_modules, model_name=args.model, hss=hss,
-                              activation_dtype=_dtype(args.activation_dtype or args.dtype),
+                              activation_dtype=dtype_from_arg(args.activation_dtype or args.dtype),
                               block_weights=block_weights, match=match, **engine)
     except ResumeMismatch as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
     sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")
     return 0
 
@@ -264,11 +212,11 @@ def _eval(args: argparse.Namespace) -> int:
         datasets, tasks = check_eval_inputs(args.ppl, args.tasks, max_windows=args.max_windows,
                                             tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size,
                                             tasks_data=args.tasks_data, json_path=args.json)
-        device = _device(args.device)
+        device = device_from_arg(args.device)
         model, tokenizer = _load(args.model, args.dtype, device=device, tokenizer=args.tokenizer)
         seqlen = check_seqlen(model, args.seqlen) if datasets else None
     except (ValueError, OSError, ImportError) as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
     tables = eval_tables(model, tokenizer, datasets, seqlen, tasks, max_windows=args.max_windows,
                          tasks_path=args.tasks_path, limit=args.limit, batch_size=args.batch_size,
                          tasks_data=args.tasks_data, json_path=args.json, model_name=args.model)
@@ -288,8 +236,23 @@ def _export(args: argparse.Namespace) -> int:
     try:
         target = (export_dense if args.to == "dense" else export_peft)(args.directory, args.output)
     except (CheckpointError, FileNotFoundError) as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
     sys.stdout.write(f"wrote {target}\n")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from hasslefree.generate import check_generate_options, generate_text
+
+    try:
+        check_generate_options(args.prompt, args.max_new_tokens, args.sample, args.temperature)
+        device = device_from_arg(args.device)
+        model, tokenizer = _load(args.model, args.dtype, device=device, tokenizer=args.tokenizer)
+        text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, packed=args.packed,
+                             sample=args.sample, temperature=args.temperature, seed=args.seed)
+    except (ValueError, OSError, ImportError) as exc:
+        raise UsageError(one_line(exc)) from None
+    sys.stdout.write(text + "\n")
     return 0
 
 
@@ -309,7 +272,7 @@ def _logging_beside_bars(enabled: bool) -> Any:
 def _load(spec: str, dtype: str, device: str = "cpu", tokenizer: str | None = None) -> tuple[Any, Any]:
     from hasslefree.evaluate import load_any
 
-    return load_any(spec, dtype=_dtype(dtype), device=device, tokenizer=tokenizer)
+    return load_any(spec, dtype=dtype_from_arg(dtype), device=device, tokenizer=tokenizer)
 
 
 def _load_for_compress(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -319,12 +282,8 @@ def _load_for_compress(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from hasslefree.loading import open_streaming
     from hasslefree.loading.hf import load_tokenizer
 
-    model, weights = open_streaming(args.model, dtype=_dtype(args.dtype))
+    model, weights = open_streaming(args.model, dtype=dtype_from_arg(args.dtype))
     return model, load_tokenizer(args.model), weights
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

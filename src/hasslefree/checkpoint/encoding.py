@@ -171,19 +171,26 @@ def _encode_csr(w: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _decode_csr(t: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+def csr_rows_and_columns(cols: Tensor, row_ptr: Tensor, nnz: int, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(row, column) int64 of every stored CSR value, after checking that the pointers are
+    consistent and the columns in range and strictly increasing within each row."""
     out_f, in_f = shape
-    values, cols, row_ptr = t["values"], t["col_indices"].to(torch.int64), t["row_ptr"].to(torch.int64)
-    nnz = values.numel()
+    cols, row_ptr = cols.to(torch.int64), row_ptr.to(torch.int64)
     counts = row_ptr.diff()
     if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((counts < 0).any()):
         raise ValueError("corrupted CSR row pointers")
     if nnz and (int(cols.min()) < 0 or int(cols.max()) >= in_f):
         raise ValueError("corrupted CSR column indices: out of range")
-    rows = torch.repeat_interleave(torch.arange(out_f, device=values.device), counts)
-    same_row = rows[1:] == rows[:-1]
-    if bool((cols[1:] <= cols[:-1])[same_row].any()):
+    rows = torch.repeat_interleave(torch.arange(out_f, device=cols.device), counts)
+    if bool((cols[1:] <= cols[:-1])[rows[1:] == rows[:-1]].any()):
         raise ValueError("corrupted CSR column indices: repeated or unsorted within a row")
+    return rows, cols
+
+
+def _decode_csr(t: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+    out_f, in_f = shape
+    values = t["values"]
+    rows, cols = csr_rows_and_columns(t["col_indices"], t["row_ptr"], values.numel(), shape)
     dense = torch.zeros(out_f, in_f, dtype=values.dtype, device=values.device)
     dense[rows, cols] = values
     return dense

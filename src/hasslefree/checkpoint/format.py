@@ -24,6 +24,7 @@ from torch import nn
 
 from hasslefree.checkpoint.encoding import dtype_from_name
 from hasslefree.checkpoint.errors import CheckpointError
+from hasslefree.checkpoint.linear_codec import packed_from_encoded
 from hasslefree.checkpoint.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_compressed"]
+
+_PACKABLE_KIND = "sparse_lowrank_linear"  # SparseLowRankLinearCodec.kind: loaded packed with packed=True
 
 def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
     for name, dtype_str in dtypes.items():
@@ -100,8 +103,15 @@ def _check_entry(
         raise CheckpointError(path, f"tensor {key!r} has dtype {entry.dtype}, config expects {dtype}")
 
 
-def load_compressed(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Rebuild the saved model: HF skeleton from the JSON, compressed modules swapped in, tensors loaded."""
+def load_compressed(
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu", packed: bool = False
+) -> PreTrainedModel:
+    """Rebuild the saved model: HF skeleton from the JSON, compressed modules swapped in, tensors loaded.
+
+    With ``packed=True`` every SparseLowRankLinear layer is built as a
+    :class:`~hasslefree.nn.PackedSparseLowRankLinear` straight from its stored encoding (W_S
+    stays packed in memory; outputs match the dense-storage form up to float rounding).
+    """
     directory = Path(directory)
     config = read_checkpoint_config(directory)
     config_path = directory / CONFIG_NAME
@@ -140,10 +150,16 @@ def load_compressed(directory: str | os.PathLike[str], device: str | torch.devic
                     f"layer {name!r} is {layer.get('out_features')}x"
                     f"{layer.get('in_features')} but the model config says {expect[0]}x{expect[1]}",
                 )
-            try:
-                module = codec.decode(parts, layer)
-            except ValueError as exc:
-                raise CheckpointError(weights_path, f"layer {name!r}: {exc}") from exc
+            if packed and layer["kind"] == _PACKABLE_KIND:
+                try:
+                    module = packed_from_encoded(parts, layer, name=name)
+                except ValueError as exc:  # the message already names the layer
+                    raise CheckpointError(weights_path, str(exc)) from exc
+            else:
+                try:
+                    module = codec.decode(parts, layer)
+                except ValueError as exc:
+                    raise CheckpointError(weights_path, f"layer {name!r}: {exc}") from exc
             replace_linear(model, name, module)
             prefixes.append(name + ".")
         aliases: dict[str, str] = dict(config.get("aliases") or {})

@@ -6,11 +6,14 @@ Tensors written per layer (relative names): ``sparse.*`` from
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hasslefree.checkpoint.encoding import (
+    csr_rows_and_columns,
     decode_sparse,
     dtype_from_name,
     dtype_name,
@@ -20,9 +23,9 @@ from hasslefree.checkpoint.encoding import (
     sparse_tensor_specs,
 )
 from hasslefree.checkpoint.registry import ModuleCodec, TensorSpec, register_codec
-from hasslefree.nn import SparseLowRankLinear
+from hasslefree.nn import PackedSparseLowRankLinear, SparseLowRankLinear
 
-__all__ = ["SparseLowRankLinearCodec"]
+__all__ = ["SparseLowRankLinearCodec", "packed_from_encoded"]
 
 _SPARSE = "sparse."
 
@@ -97,3 +100,59 @@ class SparseLowRankLinearCodec(ModuleCodec):
 
 
 register_codec(SparseLowRankLinear, SparseLowRankLinearCodec())
+
+
+def packed_from_encoded(tensors: dict[str, Tensor], meta: dict[str, Any], *,
+                        name: str | None = None) -> PackedSparseLowRankLinear:
+    """Build from a checkpoint's tensors (names relative to the layer: ``sparse.*``, ``U``,
+    ``V``, ``bias``) and its ``sparse_lowrank_linear`` metadata, without densifying N:M
+    layers. Anything corrupt or inconsistent raises a ValueError naming the layer."""
+    where = f"layer {name!r}: " if name else ""
+    try:
+        out_f, in_f = int(meta["out_features"]), int(meta["in_features"])
+        p = parse_pattern(meta["pattern"])
+        want_dtype = dtype_from_name(meta["dtype"])
+        sparse = {k[len(_SPARSE):]: v for k, v in tensors.items() if k.startswith(_SPARSE)}
+        U, V, bias = tensors["U"], tensors["V"], tensors.get("bias")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}missing or invalid field: {exc}") from None
+    if bool(meta.get("bias")) != (bias is not None):
+        raise ValueError(f"{where}metadata says bias={meta.get('bias')} but the tensors "
+                         f"{'lack' if bias is None else 'include'} one")
+    if U.dim() != 2 or int(meta.get("rank", U.shape[1])) != U.shape[1]:
+        raise ValueError(f"{where}metadata rank {meta.get('rank')} does not match U {list(U.shape)}")
+    values = sparse.get("values")
+    if values is None or values.dtype != want_dtype:
+        got = "missing" if values is None else str(values.dtype)
+        raise ValueError(f"{where}sparse values must be {want_dtype}, got {got}")
+    if p.kind == "nm":
+        packed = sparse
+    elif p.kind == "unstructured":
+        try:
+            packed = {"mask": _csr_to_mask(sparse, out_f, in_f), "values": values}
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{where}{exc}") from None
+    else:
+        packed = sparse
+    return PackedSparseLowRankLinear(in_f, out_f, str(p), packed, U, V, bias, name=name)
+
+
+def _csr_to_mask(sparse: dict[str, Tensor], out_f: int, in_f: int) -> Tensor:
+    """A checkpoint's CSR (``values``, ``col_indices``, ``row_ptr``) as the packed bitmask.
+
+    CSR values are already in row-major order, so only the mask is built; the checks are
+    those of the codec's decoder (pointers consistent, columns in range and increasing)."""
+    values, cols, row_ptr = sparse["values"], sparse["col_indices"], sparse["row_ptr"]
+    if cols.dtype.is_floating_point or row_ptr.dtype.is_floating_point:
+        raise ValueError("CSR col_indices and row_ptr must be integer tensors")
+    nnz = values.numel()
+    if values.dim() != 1 or tuple(cols.shape) != (nnz,) or tuple(row_ptr.shape) != (out_f + 1,):
+        raise ValueError(f"CSR shapes do not fit a {out_f}x{in_f} layer with {nnz} values: "
+                         f"col_indices {list(cols.shape)}, row_ptr {list(row_ptr.shape)}")
+    rows, cols = csr_rows_and_columns(cols, row_ptr, nnz, (out_f, in_f))
+    per_row = math.ceil(in_f / 8)
+    byte = rows * per_row + cols // 8
+    bit = torch.ones((), dtype=torch.uint8, device=cols.device) << (cols % 8).to(torch.uint8)
+    mask = torch.zeros(out_f * per_row, dtype=torch.uint8, device=cols.device)
+    mask.index_put_((byte,), bit, accumulate=True)  # distinct bits per byte: the sum is the OR
+    return mask.view(out_f, per_row)

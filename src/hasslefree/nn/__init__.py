@@ -1,5 +1,6 @@
 """Compressed replacements for ``torch.nn`` layers."""
 
 from hasslefree.nn.sparse_lowrank_linear import SparseLowRankLinear, replace_linear
+from hasslefree.nn.packed_linear import PackedSparseLowRankLinear, pack_model, unpack_model
 
-__all__ = ["SparseLowRankLinear", "replace_linear"]
+__all__ = ["PackedSparseLowRankLinear", "SparseLowRankLinear", "pack_model", "replace_linear", "unpack_model"]
