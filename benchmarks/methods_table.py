@@ -21,6 +21,9 @@ to stdout, one JSON line to benchmarks/results/methods_table.jsonl (or --results
         --methods dense sparsegpt oats hassle-free-fast hassle-free-fast+match --settings a
 
 ``--iterations`` (default: each preset's own) applies to every sparse + low-rank row.
+``--tasks piqa hellaswag ...`` adds 0-shot accuracy columns (lm-eval on the local task files,
+acc_norm where reported, full splits unless ``--limit``), kept in each row's file; a cached
+row gets only its missing tasks computed, which needs its model (dense, or ``--reuse``).
 ``--reuse DIR ...`` takes rows from finished ``hasslefree compress`` output directories
 whose run matches the row (method, pattern, rank, calibration, dtype, matching) instead of
 compressing again; the compressed model is loaded from DIR and evaluated.
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import platform
@@ -43,13 +45,14 @@ from typing import Any
 import torch
 
 import hasslefree as hf
-from hasslefree.checkpoint import load_compressed
-from hasslefree.data import calibration_batch, eval_max_windows, eval_tokens
+from hasslefree.data import calibration_batch, eval_tokens
 from hasslefree.loading import load_model
-from hasslefree.perplexity import model_context_length, perplexity
-from hasslefree.pipeline.resume import tensor_digest
-from methods_table_format import DATASETS, MATCH, MODEL_NOTES, SETTINGS, header, table
-from hasslefree.pipeline import DEFAULT_SKIP, MatchOptions, compress, prepare
+from hasslefree.perplexity import model_context_length
+from hasslefree.zeroshot import PAPER_TASKS
+from methods_table_format import DATASETS, MATCH, MODEL_NOTES, SETTINGS, header, table, zero_shot_table
+from methods_table_rows import (add_zero_shot, base_method, missing_tasks, rank_argument, reusable, row_key,
+                                rows_for, run_row)
+from hasslefree.pipeline import DEFAULT_SKIP, prepare
 
 logger = logging.getLogger("methods_table")
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,130 +60,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "methods_table.jsonl"
 CACHE = ROOT / "benchmarks" / "results" / "methods_table_rows"
 METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "oats", "hassle-free", "hassle-free-exact", "hassle-free-fast"]
 
-
-
-def base_method(method: str) -> str:
-    return method.removesuffix(MATCH)
-
-
-def rows_for(setting: str, methods: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The (method, pattern, rank) rows of one setting, in table order."""
-    rows = []
-    for method in methods:
-        if method == "dense":
-            rows.append({"method": "dense", "pattern": "dense", "rank": None})
-        elif hf.PRESETS[base_method(method)].prunes_only:
-            for pattern in (["2:4"] if setting == "a" else ["4:8", "2:4"]):
-                rows.append({"method": method, "pattern": pattern, "rank": 0})
-        else:
-            rows.append({"method": method, "pattern": "2:4", "rank": args.rank} if setting == "a"
-                        else {"method": method, "pattern": "2:8", "rank": f"rho={args.rho:g}"})
-    return [dict(row, setting=setting) for row in rows]
-
-
-def match_options(row: dict[str, Any], args: argparse.Namespace) -> MatchOptions | None:
-    if not row["method"].endswith(MATCH):
-        return None
-    return MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target)
-
-
-def row_iterations(row: dict[str, Any], args: argparse.Namespace) -> int | None:
-    """The iterations the row runs (None: the preset's own), as keyed and as shown."""
-    preset = hf.PRESETS[base_method(row["method"])]
-    return None if preset.prunes_only else (args.iterations or preset.iterations)
-
-
-def row_key(row: dict[str, Any], args: argparse.Namespace) -> str:
-    """Everything that changes a row's numbers; the setting only labels it. Options at their old
-    defaults are left out, so rows cached before they existed keep their keys."""
-    spec = {k: row[k] for k in ("method", "pattern", "rank")}
-    spec.update({k: getattr(args, k) for k in ("model", "eval_seqlen", "eval_windows", "datasets", "skip")})
-    if args.eval_dtype != "float32":
-        spec["eval_dtype"] = args.eval_dtype
-    if row["method"] != "dense":  # the dense row needs no calibration
-        spec.update({k: getattr(args, k) for k in ("nsamples", "seqlen", "seed")})
-        spec["iterations"] = row_iterations(row, args)
-        if args.dtype != "float32":
-            spec["dtype"] = args.dtype
-        match = match_options(row, args)
-        if match is not None:
-            spec["match"] = match.to_dict()
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def rank_argument(rank: int | str) -> int | hf.RankPolicy:
-    return hf.RankPolicy.compression(float(rank.split("=")[1])) if isinstance(rank, str) else rank
-
-
-def dense_parameters(model: torch.nn.Module, skip: list[str]) -> int:
-    """Weights of the linear layers the pipeline compresses (the same set for every method)."""
-    plan = prepare(model, pattern="2:4", rank=0, method="magnitude", skip=[*DEFAULT_SKIP, *skip])
-    return sum(t.out_features * t.in_features for t in plan.layers)
-
-
-def evaluate(model: torch.nn.Module, tokens: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, float]:
-    out = {}
-    for name, ids in tokens.items():
-        limits = [w for w in (eval_max_windows(name), args.eval_windows) if w is not None]
-        out[name] = perplexity(model, ids, args.eval_seqlen, max_windows=min(limits) if limits else None)
-    return out
-
-
-def run_row(row: dict[str, Any], calibration: torch.Tensor, tokens: dict[str, torch.Tensor],
-            args: argparse.Namespace, reuse: Path | None = None) -> dict[str, Any]:
-    """Load the model fresh, compress it as the row says (or load it from ``reuse``), evaluate it."""
-    began = time.perf_counter()
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
-    result: dict[str, Any] = {"load_s": time.perf_counter() - began,
-                              "dense_parameters": dense_parameters(model, args.skip)}
-    if row["method"] == "dense":
-        result.update(parameters=result["dense_parameters"], ranks=None, compress_s=0.0)
-    elif reuse is not None:
-        report = json.loads((reuse / "report.json").read_text())
-        model = load_compressed(reuse)
-        ranks = [layer["rank"] for layer in report["layers"]]
-        result.update(parameters=report["parameters"], ranks=[min(ranks), max(ranks)],
-                      compress_s=report["timings"]["total"], reused=str(reuse))
-    else:
-        began = time.perf_counter()
-        match = match_options(row, args)
-        prunes = hf.PRESETS[base_method(row["method"])].prunes_only
-        report = compress(model, tok, calibration=calibration, pattern=row["pattern"], rank=rank_argument(row["rank"]),
-                          method=base_method(row["method"]), iterations=None if prunes else args.iterations,
-                          seed=args.seed,
-                          skip=[*DEFAULT_SKIP, *args.skip], progress=False, match=match,
-                          activation_dtype=getattr(torch, args.dtype))
-        ranks = [layer.rank for layer in report.layers]
-        result.update(parameters=report.parameters, ranks=[min(ranks), max(ranks)],
-                      compress_s=time.perf_counter() - began, timings=report.timings)
-    began = time.perf_counter()
-    result["ppl"] = evaluate(model.to(getattr(torch, args.eval_dtype)), tokens, args)
-    result["eval_s"] = time.perf_counter() - began
-    return result
-
-
-def reusable(directory: Path, row: dict[str, Any], calibration: torch.Tensor, args: argparse.Namespace) -> bool:
-    """Whether a finished ``hasslefree compress`` run in ``directory`` is this row's run."""
-    try:
-        config = json.loads((directory / "report.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return False
-    match = match_options(row, args)
-    pattern = str(hf.SparsityPattern.parse(row["pattern"]))
-    iterations = args.iterations if args.iterations else None
-    return (config.get("method") == base_method(row["method"]) and config.get("pattern") == pattern
-            and config.get("rank") == _policy_text(row["rank"]) and config.get("iterations") == iterations
-            and config.get("seed") == args.seed and config.get("calibration", {}).get("shape") == list(calibration.shape)
-            and config.get("calibration", {}).get("digest") == tensor_digest(calibration)
-            and config.get("activation_dtype") == f"torch.{args.dtype}"
-            and config.get("match") == (match.to_dict() if match else None))
-
-
-def _policy_text(rank: int | str) -> str:
-    """The rank as a run's report.json records it."""
-    from hasslefree.pipeline.plan import as_rank_policy, policy_text
-
-    return policy_text(as_rank_policy(rank_argument(rank)))
 
 
 def _git(*argv: str) -> str:
@@ -206,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--match-epochs", type=int, default=1, help="matching epochs of the +match rows")
     parser.add_argument("--match-lr", type=float, default=1e-4)
     parser.add_argument("--match-target", choices=("block", "model"), default="model")
+    parser.add_argument("--tasks", nargs="*", default=[], metavar="TASK",
+                        help=f"0-shot tasks as extra columns (the paper's: {' '.join(PAPER_TASKS)})")
+    parser.add_argument("--limit", type=int, default=None, help="first N items of each task (default all)")
+    parser.add_argument("--zeroshot-batch-size", type=int, default=16)
     parser.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="DIR",
                         help="finished `hasslefree compress` directories to take matching rows from")
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window (capped at the context)")
@@ -257,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
             done[key] = json.loads(path.read_text())
             logger.info("[%d/%d] %s %s rank %s: cached (%s)", i, len(rows), row["method"], row["pattern"],
                         row["rank"], path.name)
+            missing = missing_tasks(done[key], args)
+            if missing:
+                add_zero_shot(done[key], row, missing, calibration, args, path)
         else:
             logger.info("[%d/%d] %s %s rank %s ...", i, len(rows), row["method"], row["pattern"], row["rank"])
             reuse = next((d for d in args.reuse if row["method"] != "dense" and reusable(d, row, calibration, args)),
@@ -274,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
 
     print(header(args))
     print(table(rows, args))
+    if args.tasks:
+        print()
+        print(zero_shot_table(rows, args))
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
               "node": platform.node(), "commit": _git("rev-parse", "--short", "HEAD"),
               "dirty_src": bool(_git("status", "--porcelain", "src")), "threads": torch.get_num_threads(),

@@ -43,3 +43,18 @@ def header(args: argparse.Namespace) -> str:
             + (f" (left dense and not counted: {', '.join(args.skip)})" if args.skip else "") + ".\n")
 
 
+
+
+def zero_shot_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """0-shot accuracy (%) per task and the plain average; "—" where a row has no number yet."""
+    lines = ["| setting | method | pattern | rank | " + " | ".join(args.tasks) + " | average |",
+             "|---|---|---|---|" + "---|" * (len(args.tasks) + 1)]
+    for r in rows:
+        accuracy = (r.get("zeroshot") or {}).get("accuracy", {})
+        cells = [f"{100 * accuracy[t]:.2f}" if t in accuracy else "—" for t in args.tasks]
+        average = (f"{100 * sum(accuracy[t] for t in args.tasks) / len(args.tasks):.2f}"
+                   if all(t in accuracy for t in args.tasks) else "—")
+        setting = "—" if r["method"] == "dense" else SETTINGS[r["setting"]].format(rank=args.rank, rho=args.rho)
+        lines.append(f"| {setting} | {r['method']} | {r['pattern']} | {r['rank'] if r['rank'] is not None else '—'} | "
+                     + " | ".join(cells) + f" | {average} |")
+    return "\n".join(lines)
