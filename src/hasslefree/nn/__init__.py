@@ -1,6 +1,10 @@
 """Compressed replacements for ``torch.nn`` layers."""
 
 from hasslefree.nn.sparse_lowrank_linear import SparseLowRankLinear, replace_linear
+from hasslefree.nn.packed_dispatch import decode_kernels
 from hasslefree.nn.packed_linear import PackedSparseLowRankLinear, pack_model, unpack_model
 
-__all__ = ["PackedSparseLowRankLinear", "SparseLowRankLinear", "pack_model", "replace_linear", "unpack_model"]
+__all__ = [
+    "PackedSparseLowRankLinear", "SparseLowRankLinear", "decode_kernels", "pack_model", "replace_linear",
+    "unpack_model",
+]

@@ -1,8 +1,10 @@
-"""Bit-level helpers of :class:`PackedSparseLowRankLinear`'s layouts: the unstructured bit mask."""
+"""Bit-level helpers of :class:`PackedSparseLowRankLinear`'s layouts: the unstructured bit mask,
+the N:M positions read tile by tile, and the checks of both."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,3 +48,39 @@ def pack_mask(keep: Tensor) -> Tensor:
 
 def positive_zeros(t: Tensor) -> Tensor:
     return torch.where(t == 0, torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+
+def nm_positions(indices: Tensor, out_f: int, in_f: int, n: int, m: int, bits: int, tile: int,
+                 device: torch.device) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield (r0, r1, in-group positions (rows × groups × N) int64) for every row tile of an
+    N:M layer's bit-packed ``indices`` (``tile`` a multiple of 8, so tiles start on a byte)."""
+    groups = math.ceil(in_f / m)
+    per_row = groups * n
+    for r0 in range(0, out_f, tile):
+        r1 = min(r0 + tile, out_f)
+        b0 = r0 * per_row * bits // 8  # exact: r0 is a multiple of 8
+        b1 = math.ceil(r1 * per_row * bits / 8)
+        pos = encoding().unpack_bits(indices[b0:b1], bits, (r1 - r0) * per_row)
+        yield r0, r1, pos.to(device).view(r1 - r0, groups, n)
+
+
+def check_nm_layout(values: Tensor, indices: Tensor, out_f: int, in_f: int, n: int, m: int, bits: int, tile: int,
+                    pattern: str) -> None:
+    """Positions in range and strictly increasing per group; padding columns hold zeros."""
+    groups = math.ceil(in_f / m)
+    total_bits = out_f * groups * n * bits
+    if total_bits % 8 and bool(indices[-1] >> (total_bits % 8)):
+        raise ValueError("indices have bits set past the last position")
+    tail = in_f - (groups - 1) * m  # real columns in the last group
+    for r0, r1, pos in nm_positions(indices, out_f, in_f, n, m, bits, tile, values.device):
+        if pos.numel() == 0:
+            continue
+        if int(pos.max()) >= m:
+            raise ValueError(f"{pattern} indices out of range (a position >= {m}) in rows {r0}..{r1 - 1}")
+        if n > 1 and not bool((pos[..., 1:] > pos[..., :-1]).all()):
+            raise ValueError(f"{pattern} indices not strictly increasing within a group in rows {r0}..{r1 - 1}")
+        if tail < m:
+            padded = pos[:, -1, :] >= tail
+            if bool((values[r0:r1, -n:][padded] != 0).any()):
+                raise ValueError(f"a nonzero value sits in the zero padding past column {in_f} "
+                                 f"in rows {r0}..{r1 - 1}")

@@ -16,17 +16,21 @@ compact representation as buffers instead:
 U, V and bias stay as they are (parameters). Conversions both ways are exact bit for bit
 (``-0.0`` in W_S is normalised to +0.0, as :meth:`SparseLowRankLinear.from_linear_parts` does).
 
-Forward, ``y = x W_Sᵀ + (x V) Uᵀ + b``, is pure torch and never densifies the whole layer:
+Forward, ``y = x W_Sᵀ + (x V) Uᵀ + b``, never densifies the whole layer:
 
 * *tiled* (any number of tokens): W_S is unpacked ``tile_rows`` output rows at a time into a
   small dense tile and multiplied with ``F.linear``;
 * *gather* (N:M layers, at most ``decode_tokens`` tokens): per output row, x is gathered at the
   kept columns and contracted with the kept values (a batched matmul over rows), which skips
-  the zero fill and the multiplications by the dropped weights.
+  the zero fill and the multiplications by the dropped weights;
+* *kernel* (N:M and unstructured layers, CPU, at most ``decode_tokens`` tokens, no autograd):
+  compiled numba kernels (:mod:`hasslefree.nn.packed_kernels`) that read the packed values and
+  positions (or mask bits) once per call, gather x and accumulate in float32, with the
+  low-rank branch and the bias fused. Without numba the torch paths above run instead, after
+  one warning per process; ``HASSLEFREE_NO_KERNELS=1`` turns the kernels off.
 
-Everything runs on the device the buffers are on. These paths save memory; they are not
-claimed to be faster than the dense-storage layer. A compiled CPU decode kernel (e.g. numba
-or a C++ extension reading the packed positions directly) is future work.
+Everything except the kernel runs on the device the buffers are on; other devices always take
+the torch paths.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hasslefree.nn.packed_format import encoding, pack_mask, popcount_u8, positive_zeros, unpack_mask
+from hasslefree.nn import packed_dispatch
+from hasslefree.nn.packed_format import check_nm_layout, encoding, nm_positions, pack_mask, popcount_u8, positive_zeros, unpack_mask
 from hasslefree.nn.sparse_lowrank_linear import SparseLowRankLinear, replace_linear
 
 logger = logging.getLogger(__name__)
@@ -53,7 +58,7 @@ class PackedSparseLowRankLinear(nn.Module):
     (:func:`hasslefree.checkpoint.linear_codec.packed_from_encoded`); the constructor takes the packed
     buffers and checks them. ``tile_rows`` (rounded up to a multiple of 8, so every N:M row tile
     starts on a byte of ``indices``) and ``decode_tokens`` (the largest token count that takes
-    the gather path) are plain attributes and may be changed at any time.
+    the CPU kernel or the gather path) are plain attributes and may be changed at any time.
     """
 
     tile_rows: int = 512
@@ -113,7 +118,8 @@ class PackedSparseLowRankLinear(nn.Module):
             check("values", values, (out_f, per_row), dtype)
             nbytes = math.ceil(out_f * per_row * self.bits / 8)
             indices = check("indices", packed["indices"], (nbytes,), torch.uint8)
-            self._check_nm(values, indices)
+            check_nm_layout(values, indices, self.out_features, self.in_features, self.n, self.m, self.bits,
+                            self._tile(), self.pattern)
             self.register_buffer("values", positive_zeros(values.detach()).contiguous())
             self.register_buffer("indices", indices)
         elif self.kind == "unstructured":
@@ -139,28 +145,6 @@ class PackedSparseLowRankLinear(nn.Module):
             self.bias = nn.Parameter(check("bias", bias, (out_f,), dtype))
         else:
             self.register_parameter("bias", None)
-
-    def _check_nm(self, values: Tensor, indices: Tensor) -> None:
-        """Positions in range and strictly increasing per group; padding columns hold zeros."""
-        out_f, in_f, n, m = self.out_features, self.in_features, self.n, self.m
-        groups = math.ceil(in_f / m)
-        total_bits = out_f * groups * n * self.bits
-        if total_bits % 8 and bool(indices[-1] >> (total_bits % 8)):
-            raise ValueError("indices have bits set past the last position")
-        tail = in_f - (groups - 1) * m  # real columns in the last group
-        for r0, r1, pos in self._positions(indices, self._tile(), values.device):
-            if pos.numel() == 0:
-                continue
-            if int(pos.max()) >= m:
-                raise ValueError(f"{self.pattern} indices out of range (a position >= {m}) in rows {r0}..{r1 - 1}")
-            if n > 1 and not bool((pos[..., 1:] > pos[..., :-1]).all()):
-                raise ValueError(f"{self.pattern} indices not strictly increasing within a group "
-                                 f"in rows {r0}..{r1 - 1}")
-            if tail < m:
-                padded = pos[:, -1, :] >= tail
-                if bool((values[r0:r1, -n:][padded] != 0).any()):
-                    raise ValueError(f"a nonzero value sits in the zero padding past column {in_f} "
-                                     f"in rows {r0}..{r1 - 1}")
 
     @classmethod
     def from_module(cls, module: SparseLowRankLinear, *, name: str | None = None) -> PackedSparseLowRankLinear:
@@ -190,14 +174,7 @@ class PackedSparseLowRankLinear(nn.Module):
 
     def _positions(self, indices: Tensor, tile: int, device: torch.device) -> Any:
         """Yield (r0, r1, positions (rows × groups × N) int64) for every N:M row tile."""
-        groups = math.ceil(self.in_features / self.m)
-        per_row = groups * self.n
-        for r0 in range(0, self.out_features, tile):
-            r1 = min(r0 + tile, self.out_features)
-            b0 = r0 * per_row * self.bits // 8  # exact: r0 is a multiple of 8
-            b1 = math.ceil(r1 * per_row * self.bits / 8)
-            pos = encoding().unpack_bits(indices[b0:b1], self.bits, (r1 - r0) * per_row)
-            yield r0, r1, pos.to(device).view(r1 - r0, groups, self.n)
+        return nm_positions(indices, self.out_features, self.in_features, self.n, self.m, self.bits, tile, device)
 
     def _dense_tiles(self, tile: int) -> Any:
         """Yield (r0, r1, W_S[r0:r1] as a dense (rows × in) tensor)."""
@@ -264,11 +241,22 @@ class PackedSparseLowRankLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features)
-        if self.kind == "nm" and 0 < x2d.shape[0] <= self.decode_tokens:
+        few = 0 < x2d.shape[0] <= self.decode_tokens
+        kernels = packed_dispatch.kernels_for(self, x2d) if few else None
+        if kernels is not None:
+            y = packed_dispatch.run_kernel(kernels, self, x2d)
+        elif self.kind == "nm" and few:
             y = self.forward_gather(x2d)
         else:
             y = self.forward_tiled(x2d)
         return y.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def forward_kernel(self, x2d: Tensor) -> Tensor:
+        """(tokens × in) → (tokens × out) with the compiled CPU kernel (N:M and unstructured
+        layers; any number of tokens, though it is meant for a few). No autograd. Raises when
+        the kernel cannot run (numba missing or disabled, not on the CPU, unsupported dtype)."""
+        return packed_dispatch.forward_kernel(self, x2d)
 
     def _low_rank(self, x2d: Tensor, y: Tensor) -> Tensor:
         if self.rank > 0:

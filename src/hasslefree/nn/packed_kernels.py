@@ -1,0 +1,272 @@
+"""Compiled CPU decode kernels for :class:`~hasslefree.nn.PackedSparseLowRankLinear` (numba).
+
+Importing this module imports numba (an optional dependency, in the ``models`` extra);
+:mod:`hasslefree.nn.packed_linear` imports it lazily and falls back to its pure-torch paths
+when it is missing. Use it through :meth:`PackedSparseLowRankLinear.forward_kernel` or the
+layer's ``forward`` (CPU, at most ``decode_tokens`` tokens, no autograd).
+
+For a handful of tokens (decode) the layer is memory bound: ``y = x W_Sᵀ + (x V) Uᵀ + b``
+costs one pass over the packed W_S. The kernels make exactly that pass:
+
+* **N:M** — each output row walks its kept values and, with a running bit buffer, the
+  ``⌈log2 M⌉``-bit in-group positions of the checkpoint's bit stream (bit ``i`` of the stream
+  is bit ``i % 8`` of byte ``i // 8``; a row's codes start at bit ``row · per_row · bits``),
+  gathers ``x[t, g·M + pos]`` for every token ``t`` and accumulates. Positions are decoded in
+  registers, never into a temporary.
+* **unstructured** — each row walks its mask bytes; a 256-entry table gives the set bits of a
+  byte, the row's first value comes from per-row offsets (the running popcount of the mask,
+  computed once per layer by the caller).
+
+Work is split over output rows (``prange`` over blocks of :data:`ROW_BLOCK` rows, one
+scratch accumulator per block). Tokens are the innermost loop, so the packed values and
+positions are read once per call whatever the number of tokens. Accumulation is float32,
+in a fixed order (``fastmath=False``): every row sums its terms in four interleaved partial
+sums (group or mask byte ``i`` goes to partial ``i % 4``, which breaks the add-latency
+chain for a single token) combined as ``(p0 + p1) + (p2 + p3)``; results do not depend on
+the thread count. The low-rank branch is fused: ``z = x V`` by a row-blocked kernel with a
+fixed block size (float32), then ``Σ_k U[o, k] z[t, k]`` and the bias inside the row loop,
+so a bfloat16 layer rounds once, at the output.
+
+bfloat16: numba has no bf16 type, so bf16 tensors are passed as their int16 bit patterns
+and widened in the kernel (``bits << 16`` reinterpreted as float32, exact). float32 tensors
+pass as they are. Inputs are converted to float32 once per call (exact for bf16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic, overload
+from torch import Tensor
+
+__all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "nm_forward", "unstructured_forward", "set_threads_like_torch"]
+
+ROW_BLOCK = 8  # output rows per parallel work item
+V_BLOCK = 256  # rows of V per partial sum of x V (fixed, so results do not depend on threads)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+# ----------------------------------------------------------------- bf16 widening
+@intrinsic
+def _bf16_bits_to_f32(typingctx, bits):
+    """float32 whose bit pattern is ``bits`` (the low 16 bits of an integer) << 16."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        i32 = ir.IntType(32)
+        width = value.type.width
+        if width < 32:
+            value = builder.zext(value, i32)  # zero-extend: the 16 bits as they are, sign or not
+        elif width > 32:
+            value = builder.trunc(value, i32)
+        return builder.bitcast(builder.shl(value, ir.Constant(i32, 16)), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+def _f32(value):  # pragma: no cover - replaced by the overload inside compiled code
+    raise NotImplementedError
+
+
+@overload(_f32)
+def _f32_overload(value):
+    if isinstance(value, types.Float):
+        return lambda value: np.float32(value)
+    if isinstance(value, types.Integer):  # a bfloat16 bit pattern
+        return lambda value: _bf16_bits_to_f32(value)
+    return None
+
+
+# ----------------------------------------------------------------- kernels
+@njit(parallel=True, cache=True, fastmath=False)
+def _xv_kernel(xt, V, n_in):
+    """z (tokens × r) = x V in float32; ``xt`` is x transposed (≥ n_in rows × tokens)."""
+    tokens = xt.shape[1]
+    rank = V.shape[1]
+    blocks = (n_in + V_BLOCK - 1) // V_BLOCK
+    partial = np.zeros((blocks, tokens, rank), dtype=np.float32)
+    for blk in prange(blocks):
+        i1 = min((blk + 1) * V_BLOCK, n_in)
+        for i in range(blk * V_BLOCK, i1):
+            for t in range(tokens):
+                xi = xt[i, t]
+                for k in range(rank):
+                    partial[blk, t, k] += xi * _f32(V[i, k])
+    z = np.zeros((tokens, rank), dtype=np.float32)
+    for blk in range(blocks):
+        for t in range(tokens):
+            for k in range(rank):
+                z[t, k] += partial[blk, t, k]
+    return z
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _finish_row(acc, o, U, z, bias, has_bias, y):
+    """y[:, o] = (Σ partials) + U[o] · z[t] + bias[o], in float32."""
+    tokens = y.shape[0]
+    rank = U.shape[1]
+    for t in range(tokens):
+        s = (acc[0, t] + acc[1, t]) + (acc[2, t] + acc[3, t])
+        if rank > 0:
+            low = np.float32(0.0)
+            for k in range(rank):
+                low += _f32(U[o, k]) * z[t, k]
+            s += low
+        if has_bias:
+            s += _f32(bias[o])
+        y[t, o] = s
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _nm_kernel(values, indices, n, m, bits, xt, U, z, bias, has_bias, y):
+    """N:M rows: ``values`` (out × groups·n), ``indices`` the packed position stream, ``xt`` x
+    transposed and zero-padded to ≥ (groups - 1)·m + 2**bits rows (any code stays in range)."""
+    out_f, per_row = values.shape
+    tokens = xt.shape[1]
+    groups = per_row // n
+    code_mask = (1 << bits) - 1
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.empty((4, tokens), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            acc[:, :] = 0.0
+            start = o * per_row * bits
+            byte = start >> 3
+            skip = start & 7  # bits of the first byte that belong to the previous row
+            buf = 0
+            have = 0
+            j = 0
+            for g in range(groups):
+                lane = g & 3
+                base = g * m
+                for _ in range(n):
+                    while have < bits:  # refill only what the next code needs: never past the stream
+                        buf |= (np.int64(indices[byte]) >> skip) << have
+                        have += 8 - skip
+                        skip = 0
+                        byte += 1
+                    col = base + (buf & code_mask)
+                    buf >>= bits
+                    have -= bits
+                    v = _f32(values[o, j])
+                    j += 1
+                    for t in range(tokens):
+                        acc[lane, t] += v * xt[col, t]
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _unstructured_kernel(mask, values, offsets, set_count, set_bits, xt, U, z, bias, has_bias, y):
+    """Bit-mask rows: ``mask`` (out × ⌈in/8⌉), ``values`` the nonzeros row-major, ``offsets`` the
+    first value of every row, ``set_count``/``set_bits`` the 256-entry set-bit table, ``xt`` x
+    transposed and zero-padded to ⌈in/8⌉·8 rows."""
+    out_f, row_bytes = mask.shape
+    tokens = xt.shape[1]
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.empty((4, tokens), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            acc[:, :] = 0.0
+            j = offsets[o]
+            for b in range(row_bytes):
+                byte = mask[o, b]
+                count = set_count[byte]
+                if count == 0:
+                    continue
+                lane = b & 3
+                base = b * 8
+                for k in range(count):
+                    col = base + set_bits[byte, k]
+                    v = _f32(values[j])
+                    j += 1
+                    for t in range(tokens):
+                        acc[lane, t] += v * xt[col, t]
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
+def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
+    count = np.zeros(256, dtype=np.int64)
+    where = np.zeros((256, 8), dtype=np.int64)
+    for byte in range(256):
+        cols = [j for j in range(8) if byte >> j & 1]
+        count[byte] = len(cols)
+        where[byte, : len(cols)] = cols
+    return count, where
+
+
+_SET_COUNT, _SET_BITS = _set_bit_table()
+
+
+# ----------------------------------------------------------------- torch-facing wrappers
+def set_threads_like_torch() -> None:
+    """Run the kernels on as many threads as torch uses (``torch.set_num_threads``), capped by
+    numba's pool size (``NUMBA_NUM_THREADS``). numba's setting is per calling thread."""
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """A contiguous CPU tensor as numpy without a copy; bfloat16 as its int16 bit patterns."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.contiguous().numpy()
+
+
+def _prepare(x2d: Tensor, rows: int) -> np.ndarray:
+    """x (tokens × in) → float32 xᵀ (rows × tokens), zero rows past ``in``."""
+    tokens, in_f = x2d.shape
+    xt = torch.zeros(rows, tokens, dtype=torch.float32)
+    xt[:in_f] = x2d.detach().t()
+    return xt.numpy()
+
+
+def _common(xt: np.ndarray, in_f: int, U: Tensor, V: Tensor, bias: Tensor | None, out_f: int):
+    tokens = xt.shape[1]
+    Un, Vn = _np(U), _np(V)
+    if V.shape[1] > 0:
+        z = _xv_kernel(xt, Vn, in_f)
+    else:
+        z = np.zeros((tokens, 0), dtype=np.float32)
+    bn = _np(bias) if bias is not None else np.zeros(0, dtype=Un.dtype)
+    y = np.empty((tokens, out_f), dtype=np.float32)
+    return Un, z, bn, bias is not None, y
+
+
+def _output(y: np.ndarray, dtype: torch.dtype) -> Tensor:
+    out = torch.from_numpy(y)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def nm_forward(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bits: int, in_features: int,
+               U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
+    """(tokens × in) → (tokens × out) for a packed N:M layer (CPU tensors, float32 or bfloat16)."""
+    out_f = values.shape[0]
+    groups = math.ceil(in_features / m)
+    rows = max(in_features, (groups - 1) * m + (1 << bits)) if groups else in_features
+    xt = _prepare(x2d, rows)
+    Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
+    set_threads_like_torch()
+    _nm_kernel(_np(values), _np(indices), n, m, bits, xt, Un, z, bn, has_bias, y)
+    return _output(y, x2d.dtype)
+
+
+def unstructured_forward(x2d: Tensor, mask: Tensor, values: Tensor, offsets: Tensor, in_features: int,
+                         U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
+    """(tokens × in) → (tokens × out) for a bit-mask layer; ``offsets`` (int64, ≥ out entries)
+    holds the index of every row's first value."""
+    out_f, row_bytes = mask.shape
+    xt = _prepare(x2d, max(in_features, row_bytes * 8))
+    Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
+    set_threads_like_torch()
+    _unstructured_kernel(_np(mask), _np(values), _np(offsets), _SET_COUNT, _SET_BITS, xt, Un, z, bn, has_bias, y)
+    return _output(y, x2d.dtype)

@@ -1,0 +1,239 @@
+"""The numba CPU decode kernels of PackedSparseLowRankLinear: against a float64 dense reference
+and the pure-torch paths, routing in ``forward``, and the fallback when numba is unavailable.
+
+Without numba the kernel tests skip locally and fail under CI (``CI=true``), where numba comes
+with the ``models`` extra; the fallback tests run either way."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import Tensor
+
+from hasslefree.nn import PackedSparseLowRankLinear, SparseLowRankLinear, decode_kernels
+from hasslefree.nn import packed_dispatch
+from test_packed_linear import make_layer, reference
+
+torch.set_num_threads(1)
+
+try:
+    import numba  # noqa: F401
+
+    HAVE_NUMBA = True
+except ImportError:
+    HAVE_NUMBA = False
+NM_PATTERNS = ["1:4", "2:4", "4:8", "2:8", "3:8", "1:2", "2:6"]  # 2:6: positions coded in 3 bits, M < 2**3
+TOKENS = [1, 3, 8]
+DTYPES = [torch.float32, torch.bfloat16]
+LOW_RANK = [(0, False), (0, True), (5, False), (5, True)]  # (rank, bias)
+
+
+@pytest.fixture
+def kernels() -> None:
+    """Kernel tests need numba: a failure under CI, a skip elsewhere."""
+    if not HAVE_NUMBA:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("numba is not installed, but CI must run the kernel tests (pip install -e '.[models]')")
+        pytest.skip("numba is not installed")
+    assert decode_kernels() is not None, "numba imports but the kernels do not load"
+
+
+def tolerance(m: SparseLowRankLinear, x: Tensor, kernel: bool = True) -> Tensor:
+    """Bound on |y - y_float64| for every output, relative to ``mag`` = Σ|terms| of its sum."""
+    _, mag = reference(m, x)
+    # float32 accumulation: an output sums in + rank products (the sparse part in four partial
+    # sums, then the low-rank term and the bias), every product and addition rounded once with
+    # unit roundoff 2^-24, so |err| <= (terms + a few)·2^-24·mag (the classic dot-product bound).
+    f32 = (m.in_features + m.rank + 6) * 2.0**-24 * mag
+    if x.dtype == torch.float32:
+        return f32
+    if kernel:
+        # bfloat16 keeps 8 significant bits: unit roundoff 2^-8. bf16 inputs and weights are exact
+        # in float32 and the kernel accumulates everything in float32, so it rounds once, at the
+        # output: |err| <= 2^-8·|y| + the float32 error above, and |y| <= mag.
+        return 2.0**-8 * mag + f32
+    # The torch paths round to bf16 after every op (W_S product, x V, (x V) Uᵀ, the sum, the bias):
+    # the bound of test_packed_linear.check_close.
+    return 8 * 2.0**-9 * mag
+
+
+def assert_close_ref(got: Tensor, m: SparseLowRankLinear, x: Tensor, kernel: bool = True) -> None:
+    y, _ = reference(m, x)
+    assert got.shape == y.shape and got.dtype == x.dtype
+    tol = tolerance(m, x, kernel)
+    err = (got.double() - y).abs()
+    assert bool((err <= tol + 1e-30).all()), f"max error {err.max():.3e}, worst ratio {(err / (tol + 1e-30)).max():.2f}"
+
+
+def assert_close_paths(got: Tensor, torch_path: Tensor, m: SparseLowRankLinear, x: Tensor) -> None:
+    """Kernel and torch path, each within its bound of the float64 result, differ by at most the
+    sum of the two bounds."""
+    tol = tolerance(m, x) + tolerance(m, x, kernel=False)
+    err = (got.double() - torch_path.double()).abs()
+    assert bool((err <= tol + 1e-30).all()), f"max difference {err.max():.3e}"
+
+
+def inputs(in_f: int, dtype: torch.dtype, seed: int = 1) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, in_f, generator=g).to(dtype) for t in TOKENS]
+
+
+# ----------------------------------------------------------------- against float64 and torch
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, bias", LOW_RANK)
+@pytest.mark.parametrize("in_f", [56, 50])  # 50: a zero-padded last group for M = 4, 6, 8
+@pytest.mark.parametrize("pattern", NM_PATTERNS)
+def test_nm_kernel_matches_float64_and_torch(kernels: None, pattern: str, in_f: int, rank: int, bias: bool,
+                                             dtype: torch.dtype) -> None:
+    m = make_layer(37, in_f, pattern, rank, bias, dtype, seed=in_f + rank)  # 37 rows: a partial row block
+    p = PackedSparseLowRankLinear.from_module(m)
+    for x in inputs(in_f, dtype):
+        got = p.forward_kernel(x)
+        assert_close_ref(got, m, x)
+        with torch.no_grad():
+            assert_close_paths(got, p.forward_gather(x), m, x)
+            assert_close_paths(got, p.forward_tiled(x), m, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, bias", LOW_RANK)
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 1.0])
+def test_unstructured_kernel_matches_float64_and_torch(kernels: None, density: float, rank: int, bias: bool,
+                                                       dtype: torch.dtype) -> None:
+    m = make_layer(37, 53, "unstructured", rank, bias, dtype, density=density, seed=int(density * 10) + rank)
+    p = PackedSparseLowRankLinear.from_module(m)
+    for x in inputs(53, dtype, seed=2):
+        got = p.forward_kernel(x)
+        assert_close_ref(got, m, x)
+        with torch.no_grad():
+            assert_close_paths(got, p.forward_tiled(x), m, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern, in_f", [("2:4", 1000), ("5:300", 650), ("unstructured", 1001)])
+def test_kernel_larger_layers(kernels: None, pattern: str, in_f: int, dtype: torch.dtype) -> None:
+    """Several row blocks and V blocks; 5:300 codes positions in 9 bits, across byte boundaries."""
+    m = make_layer(203, in_f, pattern, 7, True, dtype, density=0.4, seed=3)
+    p = PackedSparseLowRankLinear.from_module(m)
+    for x in inputs(in_f, dtype, seed=4):
+        assert_close_ref(p.forward_kernel(x), m, x)
+
+
+def test_kernel_empty_and_rank_only_layers(kernels: None) -> None:
+    for pattern in ("2:4", "unstructured"):
+        m = make_layer(5, 8, pattern, 3, True, density=0.0)
+        with torch.no_grad():
+            m.sparse_weight.zero_()
+        p = PackedSparseLowRankLinear.from_module(m)
+        x = torch.randn(2, 8)
+        assert_close_ref(p.forward_kernel(x), m, x)
+
+
+def test_kernel_does_not_depend_on_threads(kernels: None) -> None:
+    """Fixed summation order: the same bits on 1 thread and on every thread numba has."""
+    m = make_layer(64, 600, "2:4", 5, True, seed=5)
+    p = PackedSparseLowRankLinear.from_module(m)
+    x = torch.randn(3, 600)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = p.forward_kernel(x)
+        torch.set_num_threads(max(2, before))
+        many = p.forward_kernel(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+# ----------------------------------------------------------------- routing in forward
+def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make forward paths (layer methods, or the dispatcher's run_kernel) fail if they run."""
+    def boom(*args, **kwargs):
+        raise AssertionError("this path should not run")
+
+    for name in names:
+        monkeypatch.setattr(packed_dispatch if name == "run_kernel" else PackedSparseLowRankLinear, name, boom)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_forward_uses_kernel_for_cpu_decode(kernels: None, monkeypatch: pytest.MonkeyPatch, pattern: str) -> None:
+    m = make_layer(37, 56, pattern, 4, True)
+    p = PackedSparseLowRankLinear.from_module(m)
+    x = torch.randn(2, 3, 56)  # 6 tokens <= decode_tokens
+    expected = p.forward_kernel(x.reshape(-1, 56)).view(2, 3, 37)
+    _forbid(monkeypatch, "forward_gather", "forward_tiled")
+    with torch.no_grad():
+        y = p(x)
+    assert torch.equal(y, expected)
+    assert_close_ref(y.view(6, 37), m, x.view(6, 56))
+
+
+def test_forward_keeps_torch_paths_elsewhere(kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = PackedSparseLowRankLinear.from_module(make_layer(16, 24, "2:4", 2, True))
+    _forbid(monkeypatch, "run_kernel")
+    p(torch.randn(3, 24)).sum().backward()  # autograd: the gather path, gradients flow
+    assert p.U.grad is not None and p.bias.grad is not None
+    with torch.no_grad():
+        p(torch.randn(9, 24))  # more than decode_tokens: tiled
+        p.double()(torch.randn(2, 24, dtype=torch.float64))  # no float64 kernel: gather
+    meta = PackedSparseLowRankLinear.from_module(make_layer(16, 24, "unstructured", 2, True)).to("meta")
+    assert packed_dispatch.kernels_for(meta, torch.empty(2, 24, device="meta")) is None  # other devices: torch paths
+
+
+def test_row_offsets_cached_and_refreshed(kernels: None) -> None:
+    m = make_layer(12, 20, "unstructured", 1, False, density=0.5)
+    p = PackedSparseLowRankLinear.from_module(m)
+    first = packed_dispatch.row_offsets(p)
+    assert packed_dispatch.row_offsets(p) is first  # computed once
+    assert first.tolist()[-1] == p.values.numel()
+    assert "_offsets_cache" not in dict(p.named_buffers()) and "_offsets_cache" not in p.state_dict()
+    with torch.no_grad():
+        p.mask[0, 0] = 0  # an in-place change is noticed (and the broken popcount rejected)
+    with pytest.raises(ValueError, match="mask marks"):
+        packed_dispatch.row_offsets(p)
+
+
+# ----------------------------------------------------------------- fallback
+def _decode_outputs(layers: list[tuple[SparseLowRankLinear, PackedSparseLowRankLinear]], dtype: torch.dtype) -> None:
+    """Decode-sized forwards through the torch fallback, within the torch paths' bound."""
+    for m, p in layers:
+        for x in inputs(m.in_features, dtype, seed=7):
+            with torch.no_grad():
+                assert_close_ref(p(x), m, x, kernel=False)
+
+
+def test_fallback_warns_once_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = [(m, PackedSparseLowRankLinear.from_module(m))
+              for m in (make_layer(37, 50, "2:4", 3, True), make_layer(21, 53, "unstructured", 2, False))]
+    monkeypatch.setitem(sys.modules, "hasslefree.nn.packed_kernels", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delenv(packed_dispatch.NO_KERNELS_ENV, raising=False)
+    packed_dispatch._load_kernels.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _decode_outputs(layers, torch.float32)
+            _decode_outputs(layers, torch.float32)
+        numba_warnings = [w for w in caught if "numba is not available" in str(w.message)]
+        assert len(numba_warnings) == 1 and numba_warnings[0].category is RuntimeWarning
+        assert decode_kernels() is None
+        with pytest.raises(RuntimeError, match="unavailable"):
+            layers[0][1].forward_kernel(torch.randn(1, 50))
+    finally:
+        packed_dispatch._load_kernels.cache_clear()  # the next use imports for real again
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_env_var_disables_kernel(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    layers = [(m, PackedSparseLowRankLinear.from_module(m))
+              for m in (make_layer(37, 50, "3:8", 3, True, dtype), make_layer(21, 53, "unstructured", 2, True, dtype))]
+    monkeypatch.setenv(packed_dispatch.NO_KERNELS_ENV, "1")
+    _forbid(monkeypatch, "run_kernel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off on purpose: no warning
+        _decode_outputs(layers, dtype)
+    assert decode_kernels() is None
