@@ -157,3 +157,24 @@ def test_damping_and_early_stop_values_are_checked_before_work(bad):
 
     with pytest.raises(ValueError, match=key):
         prepare(tiny_llama(), pattern="2:4", rank=4, method="hassle-free-fast", engine_options=bad)
+
+
+def test_a_misspelt_solver_option_is_an_error_before_work():
+    """The solvers ignore the loop's common keywords, so option names are checked up front."""
+    weight, hessian = correlated_problem(8, 16, seed=3)
+    with pytest.raises(ValueError, match="'blocksiz'.*sparsegpt_prune"):
+        hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free-exact", sparse_options={"blocksiz": 64})
+    with pytest.raises(ValueError, match="'power_iteration'"):
+        hf.decompose_group({"a": weight}, hessian, pattern="2:4", rank=2, method="hassle-free-fast",
+                           lowrank_options={"power_iteration": 2})
+    with pytest.raises(ValueError, match="'warm'"):  # supplied by the loop, not a user option
+        hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free-exact", lowrank_options={"warm": None})
+    result = hf.decompose_layer(weight, hessian, "2:4", 2, "hassle-free-exact", iterations=2,
+                                sparse_options={"blocksize": 8}, lowrank_options={"randomized": True})
+    assert result.iterations == 2
+    from hasslefree.pipeline import prepare
+    from tiny_models import tiny_llama
+
+    with pytest.raises(ValueError, match="'stepz'"):
+        prepare(tiny_llama(), pattern="2:4", rank=4, method="hassle-free",
+                engine_options={"lowrank_options": {"stepz": 3}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from functools import partial
@@ -107,7 +108,8 @@ def decompose_layer(
                     tolerance=tolerance, patience=patience, sparse_options=sparse_options,
                     lowrank_options=lowrank_options, loop_options=loop_options, clock=clock)
     raw = hessian.raw if isinstance(hessian, PreparedHessian) else hessian
-    _validate(weight, raw, pattern, rank, method, iterations, sparse_solver, lowrank_solver, start, name)
+    _validate(weight, raw, pattern, rank, method, iterations, sparse_solver, lowrank_solver, start, name,
+              sparse_options, lowrank_options)
     _validate_loop_options(loop_options)
     check_numeric_options(percdamp=percdamp, coordinate_damp=coordinate_damp, tolerance=tolerance, patience=patience)
     began = time.perf_counter()
@@ -140,7 +142,7 @@ def decompose_group(
     for name, weight in weights.items():
         _validate(weight, hessian, settings["pattern"], settings["rank"], settings["method"],
                   settings["iterations"], settings["sparse_solver"], settings["lowrank_solver"],
-                  settings["start"], name)
+                  settings["start"], name, settings["sparse_options"], settings["lowrank_options"])
     _validate_loop_options(settings["loop_options"])
     check_numeric_options(percdamp=percdamp, coordinate_damp=coordinate_damp, tolerance=settings["tolerance"],
                           patience=settings["patience"])
@@ -270,8 +272,32 @@ def _validate_loop_options(options: dict | None) -> None:
             raise ValueError(f"loop option {key} must be an integer >= 1, got {value!r}")
 
 
+_LOOP_SUPPLIED = {"previous", "warm", "iteration", "generator"}  # what the alternating loop passes itself
+
+
+def check_solver_options(method: str, sparse_solver: str | None = None, lowrank_solver: str | None = None,
+                         sparse_options: dict | None = None, lowrank_options: dict | None = None) -> None:
+    """``sparse_options``/``lowrank_options`` name only keywords that the method's P1/P2 solvers
+    (or the overriding ones) declare; a ValueError names any other."""
+    spec = get_method(method)
+    _check_options_of("sparse", SPARSE_SOLVERS[sparse_solver or spec.sparse], sparse_options)
+    if (lowrank_solver or spec.lowrank) is not None:
+        _check_options_of("low-rank", LOWRANK_SOLVERS[lowrank_solver or spec.lowrank], lowrank_options)
+
+
+def _check_options_of(kind: str, solver, options: dict | None) -> None:
+    """Every key of ``options`` must be a keyword the solver declares (the solvers accept and
+    ignore the loop's common keywords, so a misspelt option would otherwise vanish)."""
+    declared = {name for name, p in inspect.signature(solver).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY} - _LOOP_SUPPLIED
+    unknown = sorted(set(options or {}) - declared)
+    if unknown:
+        raise ValueError(f"unknown {kind} solver option(s) {', '.join(map(repr, unknown))} for "
+                         f"{solver.__name__}; it takes {', '.join(sorted(declared)) or 'none'}")
+
+
 def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver, lowrank_solver,
-              start, name):
+              start, name, sparse_options=None, lowrank_options=None):
     """All argument checks, so bad input fails with a clear message before any work."""
     get_method(method)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
@@ -294,6 +320,7 @@ def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver,
                          f"{', '.join(LOWRANK_SOLVERS)}")
     rank_value, pattern = resolve_layer(out_features, in_features, pattern, rank, method,
                                         lowrank_solver=lowrank_solver, name=name)
+    check_solver_options(method, sparse_solver, lowrank_solver, sparse_options, lowrank_options)
     if start is not None and start not in {"sparse", "lowrank", "auto"}:
         raise ValueError(f"start must be 'sparse', 'lowrank' or 'auto', got {start!r}")
     if iterations is not None and iterations < 1:

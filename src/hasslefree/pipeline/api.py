@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hasslefree.decompose import check_numeric_options, decompose_group, decompose_layer
+from hasslefree.decompose import check_numeric_options, check_solver_options, decompose_group, decompose_layer
 from hasslefree.hss.options import HSSOptions
 from hasslefree.patterns import SparsityPattern
 from hasslefree.rank_policy import RankPolicy
@@ -53,6 +53,10 @@ def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: i
     arch = resolve_architecture(model)
     defaults = LayerSettings(SparsityPattern.parse(pattern), as_rank_policy(rank), method, iterations, hss_options)
     plan = build_plan(model, arch, defaults, overrides, skip)
+    options = dict(engine_options or {})
+    for name in sorted({t.settings.method for t in plan.layers if not t.settings.is_hss}):
+        check_solver_options(name, options.get("sparse_solver"), options.get("lowrank_solver"),
+                             options.get("sparse_options"), options.get("lowrank_options"))
     hss_layers = [t for t in plan.layers if t.settings.is_hss]
     larger = [t for t in hss_layers
               if t.settings.hss.parameter_count((t.out_features, t.in_features)) >= t.out_features * t.in_features]
