@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
               "wall_s": time.perf_counter() - started, "rows": rows}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 if __name__ == "__main__":
