@@ -89,6 +89,7 @@ def synthetic_model(args: argparse.Namespace, variant: str):
     import torch
 
     from hasslefree.nn import PackedSparseLowRankLinear, SparseLowRankLinear, replace_linear
+    from random_weights import fill_random_
     from hasslefree.patterns import SparsityPattern
 
     dtype = getattr(torch, args.dtype)
@@ -110,13 +111,7 @@ def synthetic_model(args: argparse.Namespace, variant: str):
                 p.requires_grad_(False)
             replace_linear(model, name, layer)
             continue
-        for pname, param in list(module.named_parameters(recurse=False)):
-            data = torch.empty(param.shape, dtype=dtype)
-            if pname == "weight" and param.dim() == 1:
-                data.fill_(1.0)  # norms
-            else:
-                data.normal_(0.0, 0.02, generator=g)
-            module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
+        fill_random_(module, dtype, g)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from random_weights import fill_random_
 from results_log import append_record
 
 logger = logging.getLogger("memory")
@@ -42,13 +43,7 @@ def build_model(folder: Path, blocks: int, dtype: torch.dtype) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator().manual_seed(blocks)
     for module in model.modules():  # fill directly in the target dtype: no float32 copy of the model
-        for name, param in list(module.named_parameters(recurse=False)):
-            data = torch.empty(param.shape, dtype=dtype)
-            if name == "weight" and param.dim() == 1:
-                data.fill_(1.0)  # norms
-            else:
-                data.normal_(0.0, 0.02, generator=generator)
-            module._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
+        fill_random_(module, dtype, generator)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.save_pretrained(str(folder))
     logger.info("built %s", folder)
