@@ -15,7 +15,7 @@ import torch
 from hasslefree.alternating import alternate_auto, alternate_many
 from hasslefree.hessian import PreparedHessian, prepare_hessian
 from hasslefree.lowrank import LOWRANK_SOLVERS
-from hasslefree.objective import layer_objective
+from hasslefree.objective import layer_objective, residual_objective
 from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import get_method
 from hasslefree.rank_policy import RankPolicy, parameter_count
@@ -208,9 +208,9 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
     for i, name in enumerate(weights):
         result = results[i]
         initial = layer_objective(targets[i], torch.zeros_like(targets[i]), prepared.raw)
-        result_dense = result.sparse + result.U @ result.V.mT
-        damped_base = layer_objective(targets[i], torch.zeros_like(targets[i]), prepared.damped)
-        damped = layer_objective(targets[i], result_dense, prepared.damped) / damped_base if damped_base > 0 else 0.0
+        damped_base = residual_objective(targets[i], prepared.damped)
+        residual = targets[i] - result.sparse - result.U @ result.V.mT
+        damped = residual_objective(residual, prepared.damped) / damped_base if damped_base > 0 else 0.0
         logger.debug("%s: %s %s rank %d, f/f0 %.4g in %d iterations", name, settings["method"],
                      patterns[i], ranks[i], min(result.history) / max(initial, 1e-30), len(result.history))
         out[name] = Decomposition(weight=targets[i], sparse=result.sparse, U=result.U, V=result.V,
