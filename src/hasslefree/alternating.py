@@ -10,10 +10,8 @@ result as separate calls with a fraction of the per-column overhead.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -22,6 +20,8 @@ import torch
 from hasslefree.hessian import PreparedHessian
 from hasslefree.objective import residual_objective
 from hasslefree.patterns import SparsityPattern
+from hasslefree.solver_calls import loop_keywords
+from hasslefree.stage_clock import timed
 from hasslefree.sparse.refit import coefficients_for_basis, refit_on_support
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def alternate_many(
     generators = generators or [None] * len(weights)
     h = hessian.raw.to(weights[0].dtype)
     if lowrank is None or all(r == 0 for r in ranks):
-        with _timed(clock, "P1"):
+        with timed(clock, "P1"):
             sparse = _prune_all(weights, hessian, pattern, prune, prune_options, stack, previous=None)
         return [LoopResult(s, w.new_zeros(w.shape[0], 0), w.new_zeros(w.shape[1], 0),
                            [residual_objective(w - s, h)], 1) for w, s in zip(weights, sparse)]
@@ -102,18 +102,19 @@ def alternate_many(
             break
         refresh = (iteration - 1) % refresh_every == 0  # always on iteration 1
         if start == "sparse":
-            with _timed(clock, "P1"):
+            with timed(clock, "P1"):
                 _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration,
                              refresh, refine_iterations, after_lowrank=False)
-        with _timed(clock, "P2"):
+        with timed(clock, "P2"):
             for st in active:
-                st.factors = lowrank(st.weight - st.sparse, hessian, st.rank, warm=st.factors,
-                                     iteration=iteration, generator=st.generator, **lowrank_options)
+                st.factors = lowrank(st.weight - st.sparse, hessian, st.rank,
+                                     **loop_keywords(lowrank, warm=st.factors, iteration=iteration,
+                                                     generator=st.generator), **lowrank_options)
         if start == "lowrank":
-            with _timed(clock, "P1"):
+            with timed(clock, "P1"):
                 _sparse_step(active, hessian, pattern, prune, prune_options, stack, iteration,
                              refresh, refine_iterations, after_lowrank=True)
-        with _timed(clock, "objective"):
+        with timed(clock, "objective"):
             for st in active:
                 st.record(residual_objective(st.weight - st.sparse - _product(st.factors, st.weight), h),
                           iteration, tolerance, patience)
@@ -198,21 +199,12 @@ def _prune_all(targets, hessian, pattern, prune, prune_options, stack, previous)
     if stack and len(targets) > 1:
         rows = [t.shape[0] for t in targets]
         prev = torch.cat(previous) if previous is not None else None
-        return list(prune(torch.cat(targets), hessian, pattern, previous=prev, **prune_options).split(rows))
-    return [prune(t, hessian, pattern, previous=None if previous is None else previous[i], **prune_options)
+        return list(prune(torch.cat(targets), hessian, pattern, **loop_keywords(prune, previous=prev),
+                          **prune_options).split(rows))
+    return [prune(t, hessian, pattern, **loop_keywords(prune, previous=None if previous is None else previous[i]),
+                  **prune_options)
             for i, t in enumerate(targets)]
 
 
 def _product(factors: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor) -> torch.Tensor:
     return factors[0] @ factors[1].mT if factors is not None else torch.zeros_like(like)
-
-
-@contextlib.contextmanager
-def _timed(clock: dict[str, float] | None, key: str) -> Iterator[None]:
-    """Add the block's wall time to ``clock[key]`` (nothing when there is no clock)."""
-    began = time.perf_counter()
-    try:
-        yield
-    finally:
-        if clock is not None:
-            clock[key] = clock.get(key, 0.0) + time.perf_counter() - began

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from functools import partial
@@ -19,6 +18,8 @@ from hasslefree.objective import layer_objective, residual_objective
 from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import get_method
 from hasslefree.rank_policy import RankPolicy, parameter_count
+from hasslefree.solver_calls import option_names
+from hasslefree.stage_clock import add_seconds
 from hasslefree.sparse import SPARSE_SOLVERS
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def decompose_layer(
     began = time.perf_counter()
     prepared = (hessian if isinstance(hessian, PreparedHessian) else
                 prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype))
-    _add(clock, "prepare", began)
+    add_seconds(clock, "prepare", began)
     return _run({name: weight}, prepared, settings, stack=False, began=began)[name]
 
 
@@ -148,13 +149,8 @@ def decompose_group(
                           patience=settings["patience"])
     began = time.perf_counter()
     prepared = prepare_hessian(hessian, percdamp=percdamp, coordinate_damp=coordinate_damp, dtype=dtype)
-    _add(settings["clock"], "prepare", began)
+    add_seconds(settings["clock"], "prepare", began)
     return _run(dict(weights), prepared, settings, stack=stack, began=began)
-
-
-def _add(clock: dict[str, float] | None, key: str, began: float) -> None:
-    if clock is not None:
-        clock[key] = clock.get(key, 0.0) + time.perf_counter() - began
 
 
 _DEFAULTS = dict(pattern="2:4", rank=64, method="hassle-free", iterations=None, seed=0,
@@ -272,9 +268,6 @@ def _validate_loop_options(options: dict | None) -> None:
             raise ValueError(f"loop option {key} must be an integer >= 1, got {value!r}")
 
 
-_LOOP_SUPPLIED = {"previous", "warm", "iteration", "generator"}  # what the alternating loop passes itself
-
-
 def check_solver_options(method: str, sparse_solver: str | None = None, lowrank_solver: str | None = None,
                          sparse_options: dict | None = None, lowrank_options: dict | None = None) -> None:
     """``sparse_options``/``lowrank_options`` name only keywords that the method's P1/P2 solvers
@@ -286,10 +279,8 @@ def check_solver_options(method: str, sparse_solver: str | None = None, lowrank_
 
 
 def _check_options_of(kind: str, solver, options: dict | None) -> None:
-    """Every key of ``options`` must be a keyword the solver declares (the solvers accept and
-    ignore the loop's common keywords, so a misspelt option would otherwise vanish)."""
-    declared = {name for name, p in inspect.signature(solver).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY} - _LOOP_SUPPLIED
+    """Every key of ``options`` must be an option the solver declares, before any work."""
+    declared = option_names(solver)
     unknown = sorted(set(options or {}) - declared)
     if unknown:
         raise ValueError(f"unknown {kind} solver option(s) {', '.join(map(repr, unknown))} for "

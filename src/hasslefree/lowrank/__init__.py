@@ -1,8 +1,8 @@
 """P2 solvers: min over rank-r M = U Vᵀ of tr((T − M) H (T − M)ᵀ) for a target T.
 
-Each returns ``(U, V)`` with U (out x r), V (in x r). All share one signature,
-``(target, hessian, rank, *, warm=None, iteration=1, generator=None, **options)``, so the
-alternating loop can warm start any of them.
+Each returns ``(U, V)`` with U (out x r), V (in x r), from ``(target, hessian, rank, *,
+options...)``. Of the loop's ``warm`` (last factors), ``iteration`` and ``generator`` each
+solver declares those it uses and gets only those (see :mod:`hasslefree.solver_calls`).
 """
 
 from hasslefree.lowrank.adam import adam_lowrank

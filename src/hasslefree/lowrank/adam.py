@@ -24,7 +24,6 @@ def adam_lowrank(
     steps: int = 50,
     lr: float = 1e-2,
     scaled: bool = True,
-    **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``steps`` Adam steps from ``warm`` with the paper's rate η / (iteration + 9).
 

@@ -23,7 +23,6 @@ def exact_lowrank(
     randomized: bool = False,
     oversample: int = 16,
     power_iterations: int = 4,
-    **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` minimiser of tr((T − M) H (T − M)ᵀ) for the damped H, as (U, V).
 

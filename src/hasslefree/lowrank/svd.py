@@ -18,15 +18,13 @@ def split_factors(left: torch.Tensor, singular: torch.Tensor, right: torch.Tenso
     return left[:, :rank] * root, right[:, :rank] * root
 
 
-def truncated_svd_lowrank(target: torch.Tensor, hessian: PreparedHessian | None, rank: int,
-                          **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_svd_lowrank(target: torch.Tensor, hessian: PreparedHessian | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """C_r(T): best rank-r approximation in Frobenius norm (data-free P2)."""
     left, singular, right_t = torch.linalg.svd(target, full_matrices=False)
     return split_factors(left, singular, right_t.mT, rank)
 
 
-def scaled_svd_lowrank(target: torch.Tensor, hessian: PreparedHessian, rank: int,
-                       **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_svd_lowrank(target: torch.Tensor, hessian: PreparedHessian, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """M = C_r(T D) D⁻¹ with D = sqrt(diag H): exact for diagonal H (OATS's low-rank step)."""
     scale = hessian.raw.diagonal().sqrt().to(target.dtype)
     left, singular, right_t = torch.linalg.svd(target * scale, full_matrices=False)

@@ -1,10 +1,10 @@
 """P1 solvers: min over W_S in the pattern of tr((T − W_S) H (T − W_S)ᵀ) for a target T.
 
-Each solver is a pure function ``(target, hessian, pattern, **options) -> sparse`` where
+Each solver is a pure function ``(target, hessian, pattern, *, options...) -> sparse`` where
 ``target`` is (out x in), ``hessian`` a :class:`~hasslefree.hessian.PreparedHessian`, and
 the result has zeros off the pattern. They differ only in how much of H they use.
-The alternating loop also passes ``previous`` (the last sparse iterate) for warm starts;
-solvers that cannot use it ignore it.
+A solver that declares ``previous`` also gets the last sparse iterate from the alternating
+loop, for warm starts (see :mod:`hasslefree.solver_calls`).
 """
 
 from hasslefree.sparse.alps import alps_prune

@@ -9,6 +9,6 @@ from hasslefree.patterns import SparsityPattern
 
 
 def magnitude_prune(target: torch.Tensor, hessian: PreparedHessian | None,
-                    pattern: SparsityPattern, **_: object) -> torch.Tensor:
+                    pattern: SparsityPattern) -> torch.Tensor:
     """Keep the largest |T_ij| allowed by the pattern; ``hessian`` is ignored."""
     return pattern.project(target)

@@ -22,7 +22,6 @@ def sparsegpt_prune(
     blocksize: int = 128,
     adaptive_mask: bool = True,
     refit_iterations: int = 0,
-    **_: object,
 ) -> torch.Tensor:
     """Prune ``target`` (out x in) to ``pattern`` with SparseGPT's blocked OBS updates.
 

@@ -14,6 +14,6 @@ from hasslefree.patterns import SparsityPattern
 
 
 def wanda_prune(target: torch.Tensor, hessian: PreparedHessian,
-                pattern: SparsityPattern, **_: object) -> torch.Tensor:
+                pattern: SparsityPattern) -> torch.Tensor:
     scale = hessian.raw.diagonal().sqrt().to(target.dtype)
     return target * pattern.mask_from_scores(target.abs() * scale)

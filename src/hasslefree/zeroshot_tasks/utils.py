@@ -54,20 +54,20 @@ def _json_split(data_file: str | Path, split: str) -> Any:
     return datasets.load_dataset("json", data_files={split: str(data_file)})
 
 
-def load_piqa(data_file: str, labels_file: str, **_: Any) -> Any:
+def load_piqa(data_file: str, labels_file: str, **task_metadata: Any) -> Any:
     """PIQA's validation split in the hub's layout: goal, sol1, sol2 and ``label`` (0: sol1 is
-    right, 1: sol2), the label read from ``labels_file`` line by line. Extra keyword arguments
-    (lm-eval passes the task's metadata too) are ignored."""
+    right, 1: sol2), the label read from ``labels_file`` line by line. ``task_metadata`` (lm-eval
+    passes a task's metadata to its dataset function) is not needed here."""
     dataset = _json_split(data_file, "validation")
     labels = read_labels(labels_file, {"0", "1"}, len(dataset["validation"]))
     dataset["validation"] = dataset["validation"].add_column("label", [int(x) for x in labels])
     return dataset
 
 
-def load_winogrande(data_file: str, labels_file: str, **_: Any) -> Any:
+def load_winogrande(data_file: str, labels_file: str, **task_metadata: Any) -> Any:
     """WinoGrande's dev split in the hub's layout (sentence, option1, option2, ``answer`` "1" or
     "2"), the answer read from ``labels_file``; a record whose own ``answer`` disagrees is an
-    error (the two files do not belong together)."""
+    error (the two files do not belong together). ``task_metadata`` as in :func:`load_piqa`."""
     dataset = _json_split(data_file, "validation")
     docs = dataset["validation"]
     labels = read_labels(labels_file, {"1", "2"}, len(docs))
