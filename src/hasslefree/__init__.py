@@ -12,7 +12,10 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import PRESETS
 from hasslefree.rank_policy import RankPolicy, parameter_count
 
-__version__ = "0.1.0"
+# Method packages register their checkpoint codecs on import; the checkpoint format knows none.
+from hasslefree import hss as _hss  # noqa: E402,F401  (HSSLinear's codec)
+
+from hasslefree.version import __version__  # noqa: E402
 
 __all__ = [
     "Decomposition",

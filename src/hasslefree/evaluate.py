@@ -19,6 +19,7 @@ from torch import nn
 
 from hasslefree.data import eval_max_windows, eval_tokens
 from hasslefree.perplexity import model_context_length, perplexity
+from hasslefree.text_table import format_table
 
 logger = logging.getLogger(__name__)
 
@@ -127,20 +128,6 @@ def perplexities(model: nn.Module, tokenizer: Any, datasets: Sequence[str], seql
         rows.append(PerplexityRow(str(name), seqlen, windows, value, time.perf_counter() - began))
         logger.info("%s: perplexity %.4f over %d windows of %d tokens", name, value, windows, seqlen)
     return rows
-
-
-def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain aligned text table (first column left-aligned, the rest right-aligned)."""
-    cells = [[str(c) for c in columns]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def check_eval_inputs(ppl: str, tasks: str | None, *, max_windows: int | None = None, tasks_path: str | None = None,

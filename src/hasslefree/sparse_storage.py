@@ -11,6 +11,11 @@
 
 Decoding reproduces the encoded matrix bit for bit, except that a dropped
 (zero) entry always decodes as +0.0.
+
+A :class:`StorageLayout` says how a sparse part is stored; which entries a solver may keep
+is the separate :class:`hasslefree.patterns.SparsityPattern` (its ``unstructured:D`` and
+``row:D`` constraints are both stored as ``unstructured`` CSR). Both the checkpoint format
+and the packed run-time modules build on this module, which depends on neither.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "SparsePattern",
-    "parse_pattern",
+    "StorageLayout",
+    "parse_layout",
     "index_bits",
     "dtype_name",
     "dtype_from_name",
@@ -42,8 +47,8 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True)
-class SparsePattern:
-    """A parsed pattern string: kind is "nm", "unstructured" or "dense"."""
+class StorageLayout:
+    """How a sparse part is stored: kind "nm" (with n, m), "unstructured" (CSR) or "dense"."""
 
     kind: str
     n: int = 0
@@ -53,17 +58,17 @@ class SparsePattern:
         return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
 
 
-def parse_pattern(pattern: str) -> SparsePattern:
+def parse_layout(pattern: str) -> StorageLayout:
     """Parse "2:4" / "unstructured" / "dense"; reject anything else early."""
     match = _NM_RE.match(pattern)
     if match:
         n, m = int(match.group(1)), int(match.group(2))
         if not 1 <= n < m or m > 65536:
             raise ValueError(f"invalid N:M pattern {pattern!r}: need 1 <= N < M <= 65536")
-        return SparsePattern("nm", n, m)
+        return StorageLayout("nm", n, m)
     name = pattern.strip().lower()
     if name in ("unstructured", "dense"):
-        return SparsePattern(name)
+        return StorageLayout(name)
     raise ValueError(f"unknown sparsity pattern {pattern!r}; expected 'N:M', 'unstructured' or 'dense'")
 
 
@@ -196,9 +201,9 @@ def _decode_csr(t: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
     return dense
 
 
-def encode_sparse(weight: Tensor, pattern: str | SparsePattern) -> dict[str, Tensor]:
+def encode_sparse(weight: Tensor, pattern: str | StorageLayout) -> dict[str, Tensor]:
     """Encode a 2-D (out × in) matrix under ``pattern``; raises if it violates it."""
-    p = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    p = parse_layout(pattern) if isinstance(pattern, str) else pattern
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     w = weight.detach()
@@ -209,9 +214,9 @@ def encode_sparse(weight: Tensor, pattern: str | SparsePattern) -> dict[str, Ten
     return {"values": w.contiguous()}
 
 
-def decode_sparse(tensors: dict[str, Tensor], pattern: str | SparsePattern, shape: tuple[int, int]) -> Tensor:
+def decode_sparse(tensors: dict[str, Tensor], pattern: str | StorageLayout, shape: tuple[int, int]) -> Tensor:
     """Rebuild the dense-storage matrix from :func:`encode_sparse` output."""
-    p = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    p = parse_layout(pattern) if isinstance(pattern, str) else pattern
     if p.kind == "nm":
         return _decode_nm(tensors, p.n, p.m, shape)
     if p.kind == "unstructured":
@@ -220,10 +225,10 @@ def decode_sparse(tensors: dict[str, Tensor], pattern: str | SparsePattern, shap
 
 
 def sparse_tensor_specs(
-    pattern: str | SparsePattern, shape: tuple[int, int], dtype: torch.dtype, nnz: int | None = None
+    pattern: str | StorageLayout, shape: tuple[int, int], dtype: torch.dtype, nnz: int | None = None
 ) -> dict[str, TensorSpec]:
     """Expected (shape, dtype) of every encoded tensor; ``nnz`` is needed for CSR."""
-    p = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    p = parse_layout(pattern) if isinstance(pattern, str) else pattern
     out_f, in_f = shape
     if p.kind == "nm":
         per_row = math.ceil(in_f / p.m) * p.n
@@ -240,10 +245,10 @@ def sparse_tensor_specs(
 
 
 def sparse_analytic_bytes(
-    pattern: str | SparsePattern, shape: tuple[int, int], value_bytes: int, nnz: int | None = None
+    pattern: str | StorageLayout, shape: tuple[int, int], value_bytes: int, nnz: int | None = None
 ) -> float:
     """Storage predicted from first principles: kept values × value bytes + index bits / 8."""
-    p = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    p = parse_layout(pattern) if isinstance(pattern, str) else pattern
     out_f, in_f = shape
     if p.kind == "nm":
         kept = out_f * math.ceil(in_f / p.m) * p.n

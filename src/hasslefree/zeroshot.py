@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hasslefree.text_table import format_table
+
 logger = logging.getLogger(__name__)
 
 PAPER_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "rte", "openbookqa", "boolq")
@@ -296,8 +298,6 @@ def zero_shot(model: Any, tokenizer: Any, tasks: list[str], *, batch_size: int |
 
 def format_rows(rows: Sequence[ZeroShotRow]) -> str:
     """The zero-shot table of ``hasslefree eval``: accuracy in percent, then the average."""
-    from hasslefree.evaluate import format_table
-
     cells = [(r.task, r.metric, r.samples or "", f"{100 * r.accuracy:.2f}") for r in rows]
     leaves = [r.accuracy for r in rows if r.samples]
     if leaves:

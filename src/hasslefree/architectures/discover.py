@@ -13,16 +13,13 @@ import logging
 import torch
 from torch import nn
 
-from hasslefree.pipeline.layers import is_linear_like
-from hasslefree.pipeline.registry import Architecture
+from hasslefree.architectures.architecture import Architecture
+from hasslefree.architectures.layer_kinds import is_linear_like
+from hasslefree.forward_stop import StopForward, run_until_stopped
 
 logger = logging.getLogger(__name__)
 
 PROBE_TOKENS = 8
-
-
-class _ProbeDone(Exception):
-    """Raised after block 0 ran, to skip the rest of the probe forward pass."""
 
 
 def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -40,7 +37,7 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         candidates.append((len(module), size, name, module))
     if not candidates:
         raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
-                         "identical blocks with linear layers; add an entry to hasslefree.pipeline.registry")
+                         "identical blocks with linear layers; add an entry to hasslefree.architectures.registry")
     candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
     _, _, name, blocks = candidates[0]
     return name, blocks
@@ -59,25 +56,23 @@ def find_groups(model: nn.Module, block: nn.Module) -> tuple[tuple[str, ...], ..
 
     handles = [m.register_forward_pre_hook(recorder(n)) for n, m in linears.items()]
 
-    def stop(*_args) -> None:
-        raise _ProbeDone
+    def stop(*_args) -> None:  # block 0 ran: the rest of the probe pass need not
+        raise StopForward
 
     handles.append(block.register_forward_hook(stop))
     try:
-        model(input_ids=_probe_ids(model), use_cache=False)
-    except _ProbeDone:
-        pass
+        run_until_stopped(model, input_ids=_probe_ids(model), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     never = sorted(set(linears) - set(seen))
     if never:
         raise ValueError(f"cannot group the linear layers of {type(block).__name__}: {', '.join(never)} never ran "
-                         "in a forward pass; add an entry to hasslefree.pipeline.registry")
+                         "in a forward pass; add an entry to hasslefree.architectures.registry")
     reused = sorted(n for n, inputs in seen.items() if len(inputs) > 1)
     if reused:
         raise ValueError(f"cannot group the linear layers of {type(block).__name__}: {', '.join(reused)} run more "
-                         "than once per forward pass; add an entry to hasslefree.pipeline.registry")
+                         "than once per forward pass; add an entry to hasslefree.architectures.registry")
     groups: list[tuple[list[str], torch.Tensor]] = []
     for name in seen:  # dicts keep insertion (= call) order
         x = seen[name][0]
@@ -107,7 +102,7 @@ def discover_architecture(model: nn.Module) -> Architecture:
         raise
     except Exception as exc:  # the probe forward itself failed
         raise ValueError(f"cannot probe {type(model).__name__} to group its linear layers ({exc}); add an entry "
-                         "to hasslefree.pipeline.registry") from exc
+                         "to hasslefree.architectures.registry") from exc
     finally:
         model.train(was_training)
     model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__

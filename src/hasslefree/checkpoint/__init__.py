@@ -1,7 +1,6 @@
 """Compressed checkpoints: safetensors + one JSON config, codecs per module type, exports, size info."""
 
 from hasslefree.checkpoint import linear_codec as _linear_codec  # noqa: F401  (registers the codec)
-from hasslefree.hss import codec as _hss_codec  # noqa: F401  (registers HSSLinear's codec)
 from hasslefree.checkpoint.errors import CheckpointError
 from hasslefree.checkpoint.export import export_dense, export_peft
 from hasslefree.checkpoint.format import load_compressed

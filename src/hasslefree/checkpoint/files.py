@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +28,6 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "HeaderEntry",
-    "atomic_write",
-    "write_json_atomic",
     "read_safetensors_header",
     "read_checkpoint_config",
     "open_tensors",
@@ -65,37 +61,6 @@ class HeaderEntry:
     dtype: torch.dtype | None
     shape: tuple[int, ...]
     nbytes: int
-
-
-def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
-    """Run ``writer(tmp)`` on a temp file next to ``path``, fsync it, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """Atomically write pretty JSON (objects it cannot encode become strings)."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(obj)
-    return str(obj)
 
 
 def read_safetensors_header(path: Path) -> dict[str, HeaderEntry]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hasslefree.checkpoint.encoding import dtype_from_name
+from hasslefree.sparse_storage import dtype_from_name
 from hasslefree.checkpoint.errors import CheckpointError
 from hasslefree.checkpoint.linear_codec import packed_from_encoded
 from hasslefree.checkpoint.files import (

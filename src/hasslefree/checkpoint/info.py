@@ -19,6 +19,7 @@ import torch
 from hasslefree.checkpoint.errors import CheckpointError
 from hasslefree.checkpoint.files import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint_config, read_safetensors_header
 from hasslefree.checkpoint.registry import codec_for_kind
+from hasslefree.text_table import format_table
 
 logger = logging.getLogger(__name__)
 
@@ -166,31 +167,11 @@ def format_info(info: Mapping[str, Any]) -> str:
         )
         for x in info["layers"]
     ]
-    rows.append(
-        (
-            "TOTAL",
-            "",
-            "",
-            "",
-            _mb(t["measured_bytes"]),
-            _mb(t["analytic_bytes"]),
-            _mb(t["dense_bf16_bytes"]),
-            f"{t['ratio']:.3f}",
-        )
-    )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-
-    sep = "-" * len(line(head))
+    total = ("TOTAL", "", "", "", _mb(t["measured_bytes"]), _mb(t["analytic_bytes"]), _mb(t["dense_bf16_bytes"]),
+             f"{t['ratio']:.3f}")
     out = [
         f"{info['directory']}  (dtype {info['dtype']}, method {info.get('method')}, pattern {info.get('pattern')})",
-        line(head),
-        sep,
-        *map(line, rows[:-1]),
-        sep,
-        line(rows[-1]),
+        format_table(head, rows, left=4, footer=[total]),
         f"other tensors (embeddings, norms, uncompressed layers): {_mb(t['other_tensor_bytes'])} {unit}; "
         f"weights file {_mb(t['file_bytes'])} {unit}",
     ]

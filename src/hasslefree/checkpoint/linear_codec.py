@@ -1,7 +1,7 @@
 """Checkpoint codec for :class:`~hasslefree.nn.SparseLowRankLinear`.
 
 Tensors written per layer (relative names): ``sparse.*`` from
-:mod:`hasslefree.checkpoint.encoding`, then ``U``, ``V`` and ``bias`` as they are.
+:mod:`hasslefree.sparse_storage`, then ``U``, ``V`` and ``bias`` as they are.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hasslefree.checkpoint.encoding import (
+from hasslefree.sparse_storage import (
     csr_rows_and_columns,
     decode_sparse,
     dtype_from_name,
     dtype_name,
     encode_sparse,
-    parse_pattern,
+    parse_layout,
     sparse_analytic_bytes,
     sparse_tensor_specs,
 )
@@ -46,7 +46,7 @@ class SparseLowRankLinearCodec(ModuleCodec):
         meta: dict[str, Any] = {
             "in_features": module.in_features,
             "out_features": module.out_features,
-            "pattern": str(parse_pattern(module.pattern)),
+            "pattern": str(parse_layout(module.pattern)),
             "rank": module.rank,
             "bias": module.bias is not None,
             "dtype": dtype_name(module.sparse_weight.dtype),
@@ -110,7 +110,7 @@ def packed_from_encoded(tensors: dict[str, Tensor], meta: dict[str, Any], *,
     where = f"layer {name!r}: " if name else ""
     try:
         out_f, in_f = int(meta["out_features"]), int(meta["in_features"])
-        p = parse_pattern(meta["pattern"])
+        p = parse_layout(meta["pattern"])
         want_dtype = dtype_from_name(meta["dtype"])
         sparse = {k[len(_SPARSE):]: v for k, v in tensors.items() if k.startswith(_SPARSE)}
         U, V, bias = tensors["U"], tensors["V"], tensors.get("bias")

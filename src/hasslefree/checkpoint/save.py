@@ -20,8 +20,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from hasslefree.checkpoint.encoding import dtype_name
-from hasslefree.checkpoint.files import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME, write_json_atomic
+from hasslefree.sparse_storage import dtype_name
+from hasslefree.atomic_files import write_json_atomic
+from hasslefree.checkpoint.files import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from hasslefree.checkpoint.incremental import IncrementalSafetensors
 from hasslefree.checkpoint.registry import codec_for_module
 
@@ -34,12 +35,8 @@ def library_versions() -> dict[str, str]:
     """Versions recorded in every checkpoint, for reproducibility."""
     import transformers
 
-    try:
-        import hasslefree
+    from hasslefree.version import __version__ as ours
 
-        ours = getattr(hasslefree, "__version__", None) or metadata.version("hasslefree")
-    except (ImportError, metadata.PackageNotFoundError):
-        ours = "unknown"
     try:
         st = metadata.version("safetensors")
     except metadata.PackageNotFoundError:
@@ -184,6 +181,6 @@ def save_compressed(
         },
         "layers": layers,
     }
-    write_json_atomic(config, directory / CONFIG_NAME)
+    write_json_atomic(directory / CONFIG_NAME, config)
     logger.info("saved %d compressed layers to %s (%.1f MB)", len(layers), directory, weights_path.stat().st_size / 1e6)
     return directory

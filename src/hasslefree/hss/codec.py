@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hasslefree.checkpoint.encoding import csr_index_dtypes, dtype_from_name
+from hasslefree.sparse_storage import csr_index_dtypes, dtype_from_name
 from hasslefree.checkpoint.registry import ModuleCodec, TensorSpec, register_codec
 from hasslefree.hss.layer import HSSLinear
 from hasslefree.hss.matrix import HSSMatrix

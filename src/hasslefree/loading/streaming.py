@@ -92,7 +92,7 @@ def open_streaming(directory: str | Path, blocks_path: str | None = None,
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     if blocks_path is None:
-        from hasslefree.pipeline.registry import resolve_architecture
+        from hasslefree.architectures import resolve_architecture
 
         blocks_path = resolve_architecture(model).blocks
     try:

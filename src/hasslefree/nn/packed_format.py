@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def encoding() -> Any:
-    """:mod:`hasslefree.checkpoint.encoding`, imported on first use.
-
-    A module-level import would run ``hasslefree.checkpoint``'s ``__init__``, which imports
-    ``hasslefree.nn`` again (nn → checkpoint → nn): a cycle whose outcome depends on which
-    package is imported first. Deferring it keeps both import orders working.
-    """
-    from hasslefree.checkpoint import encoding as module
-
-    return module
+from hasslefree import sparse_storage
 
 
 def popcount_u8(x: Tensor) -> Tensor:
@@ -43,7 +32,7 @@ def pack_mask(keep: Tensor) -> Tensor:
     rows, in_f = keep.shape
     per_row = math.ceil(in_f / 8)
     padded = F.pad(keep.to(torch.uint8), (0, per_row * 8 - in_f))
-    return encoding().pack_bits(padded.reshape(-1), 1).view(rows, per_row)
+    return sparse_storage.pack_bits(padded.reshape(-1), 1).view(rows, per_row)
 
 
 def positive_zeros(t: Tensor) -> Tensor:
@@ -60,7 +49,7 @@ def nm_positions(indices: Tensor, out_f: int, in_f: int, n: int, m: int, bits: i
         r1 = min(r0 + tile, out_f)
         b0 = r0 * per_row * bits // 8  # exact: r0 is a multiple of 8
         b1 = math.ceil(r1 * per_row * bits / 8)
-        pos = encoding().unpack_bits(indices[b0:b1], bits, (r1 - r0) * per_row)
+        pos = sparse_storage.unpack_bits(indices[b0:b1], bits, (r1 - r0) * per_row)
         yield r0, r1, pos.to(device).view(r1 - r0, groups, n)
 
 

@@ -7,7 +7,7 @@ compact representation as buffers instead:
 * ``N:M`` (keep N of every M consecutive inputs per output row): ``values`` (out × ⌈in/M⌉·N,
   layer dtype) and ``indices``, the in-group position of every kept value at ⌈log2 M⌉ bits,
   bit-packed into ``uint8`` exactly as the checkpoint codec writes it
-  (:mod:`hasslefree.checkpoint.encoding`), so loading needs no re-encoding. A trailing partial
+  (:mod:`hasslefree.sparse_storage`), so loading needs no re-encoding. A trailing partial
   group is zero-padded; groups with fewer than N nonzeros hold explicit zeros.
 * ``unstructured``: ``mask`` (out × ⌈in/8⌉ ``uint8``, 1 bit per weight, little-endian within a
   byte, each row starting on a byte) and ``values``, the nonzeros in row-major order.
@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hasslefree.nn import packed_dispatch
-from hasslefree.nn.packed_format import check_nm_layout, encoding, nm_positions, pack_mask, popcount_u8, positive_zeros, unpack_mask
+from hasslefree import sparse_storage
+from hasslefree.nn.packed_format import check_nm_layout, nm_positions, pack_mask, popcount_u8, positive_zeros, unpack_mask
 from hasslefree.nn.sparse_lowrank_linear import SparseLowRankLinear, replace_linear
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,13 @@ class PackedSparseLowRankLinear(nn.Module):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        p = encoding().parse_pattern(pattern)
+        p = sparse_storage.parse_layout(pattern)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.pattern = str(p)
         self.kind = p.kind
         self.n, self.m = p.n, p.m
-        self.bits = encoding().index_bits(p.m) if p.kind == "nm" else 0
+        self.bits = sparse_storage.index_bits(p.m) if p.kind == "nm" else 0
         where = f"layer {name!r}: " if name else ""
         try:
             self._check_and_register(packed, U, V, bias)
@@ -152,10 +153,10 @@ class PackedSparseLowRankLinear(nn.Module):
         if not isinstance(module, SparseLowRankLinear):
             raise TypeError(f"expected a SparseLowRankLinear, got {type(module).__name__}")
         w = positive_zeros(module.sparse_weight.detach())
-        p = encoding().parse_pattern(module.pattern)
+        p = sparse_storage.parse_layout(module.pattern)
         try:
             if p.kind == "nm":
-                packed = encoding().encode_sparse(w, p)
+                packed = sparse_storage.encode_sparse(w, p)
             elif p.kind == "unstructured":
                 keep = w != 0
                 packed = {"mask": pack_mask(keep), "values": w[keep]}

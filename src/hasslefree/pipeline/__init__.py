@@ -1,4 +1,4 @@
-"""Whole-model compression: architecture registry, sequential pipeline, run reports.
+"""Whole-model compression: the sequential pipeline and its run reports.
 
 ``compress(model, tokenizer, ...)`` walks the decoder blocks one at a time, fits every
 targeted linear layer to calibration activations that already flow through the compressed
@@ -9,7 +9,7 @@ earlier layers, and swaps in :class:`hasslefree.nn.SparseLowRankLinear` modules 
 from hasslefree.pipeline.api import check_calibration, compress, prepare
 from hasslefree.pipeline.matching import MATCH_TARGETS, MatchOptions
 from hasslefree.pipeline.plan import DEFAULT_SKIP, LayerSettings, Plan, TargetLayer, build_plan
-from hasslefree.pipeline.registry import ARCHITECTURES, Architecture, lookup, resolve_architecture
+from hasslefree.architectures import ARCHITECTURES, Architecture, lookup, resolve_architecture
 from hasslefree.pipeline.report import CompressionReport, LayerRecord
 from hasslefree.pipeline.resume import ResumeMismatch
 

@@ -20,7 +20,7 @@ from hasslefree.rank_policy import RankPolicy
 from hasslefree.perplexity import model_context_length
 from hasslefree.pipeline.plan import (DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, check_method,
                                       policy_text)
-from hasslefree.pipeline.registry import resolve_architecture
+from hasslefree.architectures import resolve_architecture
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
 from hasslefree.pipeline.matching import MatchOptions

@@ -23,16 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hasslefree.forward_stop import StopForward, run_until_stopped
+
 if TYPE_CHECKING:
     from hasslefree.loading.streaming import BlockWeights
 
 logger = logging.getLogger(__name__)
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-class _StopForward(Exception):
-    """Raised from a hook once the wanted inputs are recorded, to skip the rest of the model."""
 
 
 @dataclass
@@ -160,9 +158,7 @@ def blocks_stream_in(blocks: nn.ModuleList, device: torch.device, weights: Block
 
 
 def _forward(model: nn.Module, input_ids: torch.Tensor) -> None:
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
+    if run_until_stopped(model, input_ids=input_ids, use_cache=False):
         return
     raise RuntimeError("the model ran to the end without calling its decoder blocks")
 
@@ -183,7 +179,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calibration: t
     def record_hidden(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         states, _ = _split_call(args, kwargs)
         hidden.append(states.detach().to("cpu", dtype))
-        raise _StopForward
+        raise StopForward
 
     with _hooks([blocks[0].register_forward_pre_hook(record_hidden, with_kwargs=True)]):
         for batch in batches:
@@ -210,7 +206,7 @@ def _probe_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tenso
             _, call = _split_call(args, kwargs)
             calls[index] = to_device(call, "cpu", memo)
             if index == last:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [b.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, b in enumerate(blocks)]

@@ -11,22 +11,8 @@ from torch import nn
 
 from hasslefree.decompose import Decomposition
 from hasslefree.nn import SparseLowRankLinear
+from hasslefree.architectures.layer_kinds import is_conv1d, is_linear_like
 from hasslefree.patterns import SparsityPattern
-
-try:  # transformers is an optional dependency of the core engine
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    return Conv1D is not None and isinstance(module, Conv1D)
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """Layers the pipeline can decompose: ``nn.Linear`` and transformers' ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a linear-like layer."""

@@ -20,7 +20,7 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import PRESETS, get_method
 from hasslefree.rank_policy import RankPolicy
 from hasslefree.pipeline.layers import is_linear_like, layer_shape
-from hasslefree.pipeline.registry import Architecture
+from hasslefree.architectures import Architecture
 
 logger = logging.getLogger(__name__)
 

@@ -9,18 +9,19 @@ iteration: pruning alone for pruning-only methods, prune + one low-rank fit othe
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from hasslefree.atomic_files import write_json_atomic
+from hasslefree.stage_clock import timed
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +142,8 @@ class StageTimer:
         self.decompose_parts: dict[str, float] = {}  # inside "decompose": prepare, P1, P2, objective
         self._began = time.perf_counter()
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return timed(self.seconds, name)
 
     def summary(self) -> dict[str, float]:
         return {**{k: round(v, 4) for k, v in self.seconds.items()},
@@ -165,13 +161,3 @@ def cuda_peak_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to ``path`` and move it into place, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

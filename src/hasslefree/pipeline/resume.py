@@ -29,7 +29,8 @@ from hasslefree.nn import replace_linear
 from hasslefree.pipeline.hss_layers import hss_shell
 from hasslefree.pipeline.layers import empty_compressed
 from hasslefree.pipeline.matching import MatchRecord
-from hasslefree.pipeline.report import LayerRecord, write_json_atomic
+from hasslefree.atomic_files import atomic_write, write_json_atomic
+from hasslefree.pipeline.report import LayerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,9 @@ class ResumeStore:
                    records: list[LayerRecord], num_blocks: int, match: MatchRecord | None = None) -> None:
         """Write block ``index`` (state + which layers are compressed modules), then the progress."""
         path = self.block_path(index)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        save_file(state, str(tmp), metadata={"layers": json.dumps(layers), "config_hash": self.hash})
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(layers),
+                                                                             "config_hash": self.hash}))
         self.completed = index + 1
         self.layers.extend(_record_dict(r) for r in records)
         if match is not None:

@@ -30,6 +30,7 @@ from hasslefree.pipeline.matching import MatchOptions, MatchRecord, match_block
 from hasslefree.pipeline.plan import Plan, TargetLayer
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore
+from hasslefree.forward_stop import StopForward, run_until_stopped
 
 if TYPE_CHECKING:
     from hasslefree.loading.streaming import BlockWeights
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BlockCallback = Callable[[int, list[LayerRecord]], None]
-
-
-class _StopBlock(Exception):
-    """Raised once a group's input is seen: the rest of the block need not run."""
 
 
 @dataclass
@@ -192,7 +189,7 @@ def _hessians(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...
         def hook(_module: nn.Module, args: tuple) -> None:
             accumulator.add(args[0].detach())
             if stop:
-                raise _StopBlock
+                raise StopForward
         return hook
 
     handles = [block.get_submodule(group[0].relative).register_forward_pre_hook(feeder(acc))
@@ -201,10 +198,8 @@ def _hessians(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...
     try:
         with torch.no_grad():
             for states in hidden:
-                try:
-                    run_block(block, states, inputs.call(index, states.shape[0]), device, dtype)
-                except _StopBlock:
-                    pass
+                # stopped once the last group's input is seen: the rest of the block need not run
+                run_until_stopped(run_block, block, states, inputs.call(index, states.shape[0]), device, dtype)
     finally:
         for handle in handles:
             handle.remove()
