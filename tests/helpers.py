@@ -1,11 +1,69 @@
-"""Tiny random causal LMs of every registered family (hidden 64, 2 blocks, vocab 128)."""
+"""Shared test helpers: tiny random causal LMs of every registered family (hidden 64, 2 blocks,
+vocab 128), small layer problems, the real stories260K data, and what to do when shared data
+or an optional package is missing (skip locally; fail where ``HASSLEFREE_REQUIRE_DATA=1``, as
+in CI)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import NoReturn
+
 import pytest
 import torch
+import transformers
+from torch import Tensor
 
-transformers = pytest.importorskip("transformers")
+from hasslefree.nn import SparseLowRankLinear, replace_linear
+
+REQUIRE_ENV = "HASSLEFREE_REQUIRE_DATA"
+
+
+def required() -> bool:
+    """Whether missing shared data or optional packages must fail the tests (CI) instead of skipping them."""
+    return os.environ.get(REQUIRE_ENV) == "1"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the running test for a missing resource, or fail it where resources are required."""
+    if required():
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the resource is required here)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs(available: bool, reason: str) -> pytest.MarkDecorator:
+    """A marker for tests that need a resource: skip without it, or fail where it is required
+    (``conftest.py`` turns the ``missing`` marker into a failure)."""
+    if available:
+        return pytest.mark.needs_ok
+    return pytest.mark.missing(reason) if required() else pytest.mark.skip(reason=reason)
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def stories_text() -> str:
+    """The stories260K text file of the shared data folder (the model's tokenizer must exist too)."""
+    from hasslefree.loading import find_data_file, resolve_alias
+
+    try:
+        resolve_alias("stories260K")
+        return str(find_data_file("text", "tinystories.validation-head.txt"))
+    except FileNotFoundError as exc:
+        unavailable(str(exc))
+
+
+def correlated_problem(out_features: int, in_features: int, tokens: int = 400, seed: int = 0,
+                       dtype: torch.dtype = torch.float64):
+    """A weight and the Hessian of correlated, unevenly scaled inputs (like real activations)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_features, in_features, generator=gen, dtype=dtype) * 0.3 + torch.eye(in_features, dtype=dtype)
+    scales = torch.rand(in_features, generator=gen, dtype=dtype) * 3 + 0.1
+    x = (torch.randn(tokens, in_features, generator=gen, dtype=dtype) @ mix) * scales
+    weight = torch.randn(out_features, in_features, generator=gen, dtype=dtype)
+    return weight, x.T @ x / tokens
+
 
 VOCAB = 128
 _COMMON = dict(num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=256)
@@ -48,9 +106,9 @@ def token_batch(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
 
 def random_prune(w: torch.Tensor, pattern: str, g: torch.Generator) -> torch.Tensor:
     """Random (not magnitude) pruning to ``pattern``, then extra zeros so some groups hold < N."""
-    from hasslefree.checkpoint.encoding import parse_pattern
+    from hasslefree.sparse_storage import parse_layout
 
-    p = parse_pattern(pattern)
+    p = parse_layout(pattern)
     if p.kind == "nm":
         out_f, in_f = w.shape
         pad = (-in_f) % p.m
@@ -69,7 +127,6 @@ def random_prune(w: torch.Tensor, pattern: str, g: torch.Generator) -> torch.Ten
 def tiny_compressed_llama(dtype: torch.dtype = torch.float32, seed: int = 0, tied: bool = True) -> torch.nn.Module:
     """Tiny random Llama already made of SparseLowRankLinear layers: 2:4 + rank 8 (block 0
     attention, block 1 MLP), unstructured + rank 4 elsewhere, and one rank-0 layer."""
-    from hasslefree.nn import SparseLowRankLinear, replace_linear
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
@@ -90,3 +147,27 @@ def tiny_compressed_llama(dtype: torch.dtype = torch.float32, seed: int = 0, tie
         new = SparseLowRankLinear.from_linear_parts(random_prune(w, pattern, g), U, V, b, pattern=pattern).to(dtype)
         replace_linear(model, name, new)
     return model.eval()
+
+
+def make_layer(out_f: int, in_f: int, pattern: str, rank: int, bias: bool, dtype: torch.dtype = torch.float32,
+               density: float = 0.3, seed: int = 0) -> SparseLowRankLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    if pattern == "unstructured":
+        w = torch.where(torch.rand(out_f, in_f, generator=g) < density, w, torch.zeros(()))
+    elif pattern != "dense":
+        w = random_prune(w, pattern, g)  # includes groups with fewer than N nonzeros and an all-zero row
+    U = torch.randn(out_f, rank, generator=g) * 0.3
+    V = torch.randn(in_f, rank, generator=g) * 0.3
+    b = torch.randn(out_f, generator=g) if bias else None
+    return SparseLowRankLinear.from_linear_parts(w, U, V, b, pattern=pattern).to(dtype)
+
+
+def reference(m: SparseLowRankLinear, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(y, magnitude) in float64: y = x (W_S + U Vᵀ)ᵀ + b from the layer's exact values, and
+    |x| |W_S|ᵀ + (|x| |V|) |U|ᵀ + |b|, the scale that every rounding error is relative to."""
+    xd, w, U, V = x.double(), m.sparse_weight.double(), m.U.double(), m.V.double()
+    b = m.bias.double() if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float64)
+    y = xd @ (w + U @ V.T).T + b
+    mag = xd.abs() @ w.abs().T + (xd.abs() @ V.abs()) @ U.abs().T + b.abs()
+    return y, mag

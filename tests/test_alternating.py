@@ -8,7 +8,7 @@ from hasslefree.lowrank import LOWRANK_SOLVERS
 from hasslefree.patterns import SparsityPattern
 from hasslefree.sparse import SPARSE_SOLVERS
 
-from conftest import correlated_problem
+from helpers import correlated_problem
 
 
 def _oats_reference(weight, diag_h, rank, n, m, iterations):

@@ -11,16 +11,9 @@ from torch import nn
 
 from hasslefree.cli import main, parse_overrides, UsageError
 
+from helpers import stories_text
+
 torch.set_num_threads(1)
-
-
-def _stories_text() -> str:
-    loading = pytest.importorskip("hasslefree.loading")
-    try:
-        loading.resolve_alias("stories260K")
-        return str(loading.find_data_file("text", "tinystories.validation-head.txt"))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
 
 
 def _error(capsys, argv) -> str:
@@ -49,7 +42,7 @@ def test_architecture_it_cannot_handle(tmp_path, capsys, monkeypatch):
 
 
 def test_empty_and_too_short_calibration_text(tmp_path, capsys):
-    _stories_text()
+    stories_text()
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert "is empty" in _error(capsys, ["compress", "stories260K", "--out", str(tmp_path / "o"),
@@ -62,7 +55,7 @@ def test_empty_and_too_short_calibration_text(tmp_path, capsys):
 
 
 def test_pattern_that_does_not_fit_names_the_layer(tmp_path, capsys):
-    text = _stories_text()
+    text = stories_text()
     line = _error(capsys, ["compress", "stories260K", "--out", str(tmp_path / "o"), "--calib", text,
                            "--pattern", "2:3", "--rank", "8", "-q"])
     assert "model.layers.0.self_attn.q_proj: input width 64 is not divisible by M=3" in line
@@ -70,7 +63,7 @@ def test_pattern_that_does_not_fit_names_the_layer(tmp_path, capsys):
 
 
 def test_seqlen_beyond_context(tmp_path, capsys):
-    text = _stories_text()
+    text = stories_text()
     line = _error(capsys, ["compress", "stories260K", "--out", str(tmp_path / "o"), "--calib", text,
                            "--seqlen", "1024", "--rank", "8", "-q"])
     assert "exceeds the model's context of 512" in line
@@ -95,8 +88,7 @@ def test_parse_overrides():
 
 
 def test_compress_info_eval_export_round_trip(tmp_path, capsys):
-    text = _stories_text()
-    pytest.importorskip("hasslefree.checkpoint")
+    text = stories_text()
     out = tmp_path / "compressed"
     assert main(["compress", "stories260K", "--out", str(out), "--calib", text, "--nsamples", "4",
                  "--seqlen", "128", "--rank", "8", "--method", "hassle-free-exact", "--iterations", "2",
@@ -129,7 +121,7 @@ def test_console_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_compress_in_bfloat16_keeps_bfloat16_activations_and_float32_maths(tmp_path, capsys):
-    text = _stories_text()
+    text = stories_text()
     out = tmp_path / "bf16"
     assert main(["compress", "stories260K", "--out", str(out), "--calib", text, "--nsamples", "2",
                  "--seqlen", "64", "--rank", "4", "--method", "hassle-free-fast", "--iterations", "2",
@@ -143,7 +135,7 @@ def test_compress_in_bfloat16_keeps_bfloat16_activations_and_float32_maths(tmp_p
 
 
 def test_compress_streamed_from_a_saved_folder_equals_in_memory(tmp_path, capsys):
-    text = _stories_text()
+    text = stories_text()
     from hasslefree.loading import load_model
 
     model, tokenizer = load_model("stories260K")

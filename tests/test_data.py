@@ -10,9 +10,10 @@ import torch
 import hasslefree.data as data
 from hasslefree.data import calibration_batch, documents, eval_max_windows, eval_text, eval_tokens
 from hasslefree.loading import find_data_dir
+from helpers import needs
 
 DATA = find_data_dir(required=False)
-pytestmark = pytest.mark.skipif(DATA is None, reason="shared/data folder not found")
+pytestmark = needs(DATA is not None, "shared/data folder not found")
 
 
 @pytest.fixture(scope="module")

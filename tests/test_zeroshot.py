@@ -14,7 +14,6 @@ tests need the data folder: they skip without it, and fail when $CI is set.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from hasslefree import zeroshot
 from hasslefree.cli import main
+from helpers import has_module, unavailable
 
 torch.set_num_threads(1)
 
@@ -33,12 +33,21 @@ TASK_ACC = "hasslefree_tiny_choice_acc"  # the same data with acc only
 DOCS = [json.loads(line) for line in (DATA / "tiny_choice.jsonl").read_text().splitlines() if line.strip()]
 
 
+def lm_eval_and_datasets():
+    """lm-eval and datasets (the ``zeroshot`` extra), or a skip/failure naming the extra."""
+    if not (has_module("lm_eval") and has_module("datasets")):
+        unavailable("lm-eval not installed (pip install 'hasslefree[zeroshot]')")
+    import datasets
+    import lm_eval
+
+    return lm_eval, datasets
+
+
 @pytest.fixture
 def lm_eval(monkeypatch, tmp_path):
     """lm-eval, run from the task folder (its YAML's data_files are relative) with the
     datasets cache in a temporary folder."""
-    module = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'hasslefree[zeroshot]')")
-    datasets = pytest.importorskip("datasets")
+    module, datasets = lm_eval_and_datasets()
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.chdir(DATA)
     return module
@@ -46,15 +55,17 @@ def lm_eval(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def stories():
-    loading = pytest.importorskip("hasslefree.loading")
+    from hasslefree.loading import load_model
+
     try:
-        return loading.load_model("stories260K")
+        return load_model("stories260K")
     except FileNotFoundError as exc:
-        pytest.skip(f"stories260K unavailable: {exc}")
+        unavailable(f"stories260K unavailable: {exc}")
 
 
 def _random_llama(vocab: int) -> torch.nn.Module:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                                       max_position_embeddings=256)
@@ -165,13 +176,10 @@ FIRST = 3  # records compared per task
 
 
 def _zeroshot_data() -> Path:
-    """The zero-shot data folder; without it the test fails under $CI and skips otherwise."""
+    """The zero-shot data folder (see :func:`helpers.unavailable` for what happens without it)."""
     if ZS_DATA is None:
-        message = ("zero-shot data folder not found: expected shared/data/zeroshot beside the repository "
-                   "(or $HASSLEFREE_DATA/zeroshot)")
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("zero-shot data folder not found: expected shared/data/zeroshot beside the repository "
+                    "(or $HASSLEFREE_DATA/zeroshot)")
     return ZS_DATA
 
 
@@ -229,8 +237,7 @@ def hub_records(task: str, data: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def zs_cache(tmp_path_factory):
     """lm-eval and datasets, with one datasets cache for the module (each local file is built once)."""
-    pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'hasslefree[zeroshot]')")
-    datasets = pytest.importorskip("datasets")
+    _, datasets = lm_eval_and_datasets()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("datasets"))
         yield datasets
@@ -432,7 +439,7 @@ def test_cli_missing_data_before_loading(default_manager, tmp_path, capsys):
 
 
 def test_tiny_llama_on_two_local_tasks(local_tasks, stories):
-    from tiny_models import tiny_llama
+    from helpers import tiny_llama
 
     tokenizer = stories[1]
     model = tiny_llama(vocab_size=tokenizer.vocab_size)

@@ -9,9 +9,9 @@ from torch import nn
 from hasslefree.nn import SparseLowRankLinear
 from hasslefree.patterns import SparsityPattern
 from hasslefree.pipeline import compress, lookup, resolve_architecture
-from hasslefree.pipeline.discover import discover_architecture, find_groups
-from hasslefree.pipeline.registry import LLAMA
-from tiny_models import FAMILIES, tiny_model, token_batch
+from hasslefree.architectures.discover import discover_architecture, find_groups
+from hasslefree.architectures.registry import LLAMA
+from helpers import FAMILIES, tiny_model, token_batch
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from hasslefree.checkpoint import export_dense, export_peft, save_compressed
 from hasslefree.nn import SparseLowRankLinear, replace_linear
-from tiny_models import tiny_compressed_llama
+from helpers import tiny_compressed_llama
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -137,7 +137,7 @@ def test_gpt2_exports_keep_conv1d_layout(tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tiny_models import tiny_model, token_batch
+    from helpers import tiny_model, token_batch
     from hasslefree.pipeline import compress
 
     model = tiny_model("gpt2", n_layer=1)

@@ -27,7 +27,7 @@ from hasslefree.nn import replace_linear
 pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 VARIANT_OF = {"q_proj": "shss-rcm", "k_proj": "shss", "v_proj": "shss-rcm-whitened", "o_proj": "shss-whitened"}
 
 

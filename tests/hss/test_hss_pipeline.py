@@ -12,7 +12,8 @@ from hasslefree.cli import main
 from hasslefree.hss import HSSLinear, HSSOptions, RankRule, outer_rank_for_budget
 from hasslefree.nn import SparseLowRankLinear
 from hasslefree.pipeline import ResumeMismatch, compress, prepare
-from tiny_models import tiny_llama, tiny_model, token_batch
+from hasslefree.checkpoint import load_compressed
+from helpers import stories_text, tiny_llama, tiny_model, token_batch
 
 torch.set_num_threads(1)
 
@@ -138,7 +139,6 @@ def test_plan_describes_hss_layers(caplog):
 
 
 def test_resume_and_reload_bit_for_bit(tmp_path):
-    checkpoint = pytest.importorskip("hasslefree.checkpoint")
     ids = token_batch(3, 32)
     options = dict(calibration=ids, method="shss-rcm-whitened", hss=SMALL, progress=False)
     straight = tiny_llama(num_hidden_layers=3)
@@ -157,7 +157,7 @@ def test_resume_and_reload_bit_for_bit(tmp_path):
     assert isinstance(resumed.model.layers[0].self_attn.q_proj, HSSLinear)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    loaded = checkpoint.load_compressed(tmp_path / "resumed")
+    loaded = load_compressed(tmp_path / "resumed")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, straight(ids).logits)
     with pytest.raises(ResumeMismatch, match="changed: hss"):
@@ -166,17 +166,8 @@ def test_resume_and_reload_bit_for_bit(tmp_path):
 
 
 # ----------------------------------------------------------------- CLI (stories260K)
-def _stories_text() -> str:
-    loading = pytest.importorskip("hasslefree.loading")
-    try:
-        loading.resolve_alias("stories260K")
-        return str(loading.find_data_file("text", "tinystories.validation-head.txt"))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
 def test_cli_compress_info_eval(tmp_path, capsys):
-    text = _stories_text()
+    text = stories_text()
     out = tmp_path / "hss"
     argv = ["compress", "stories260K", "--out", str(out), "--calib", text, "--nsamples", "4", "--seqlen", "128",
             "--method", "shss-rcm-whitened", "--sparsity", "0.3", "--outer-rank", "8", "--leaf", "16", "-q"]
@@ -199,7 +190,7 @@ def test_cli_compress_info_eval(tmp_path, capsys):
     (["--method", "shss", "--hss-budget", "0.01", "--leaf", "16"], "q_proj: budget"),
 ])
 def test_cli_bad_hss_options(tmp_path, capsys, extra, message):
-    text = _stories_text()
+    text = stories_text()
     code = main(["compress", "stories260K", "--out", str(tmp_path / "o"), "--calib", text, "--seqlen", "128", *extra,
                  "-q"])
     err = capsys.readouterr().err.strip().splitlines()

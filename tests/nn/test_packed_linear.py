@@ -15,14 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from hasslefree.checkpoint import CheckpointError, load_compressed, save_compressed
-from hasslefree.checkpoint.encoding import encode_sparse
+from hasslefree.sparse_storage import encode_sparse
 from hasslefree.checkpoint.linear_codec import packed_from_encoded
 from hasslefree.nn import PackedSparseLowRankLinear, SparseLowRankLinear, pack_model, unpack_model
-from tiny_models import VOCAB, random_prune, tiny_compressed_llama
+from helpers import VOCAB, make_layer, random_prune, reference, tiny_compressed_llama
 
 torch.set_num_threads(1)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 NM_PATTERNS = ["1:4", "2:4", "4:8", "2:8", "3:8", "1:2", "2:6"]
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
 BATCHES = [(1,), (3,), (2, 5)]  # 1 and 3 tokens take the gather path of N:M layers, 10 the tiled one
@@ -37,30 +37,6 @@ def bits(t: Tensor) -> Tensor:
 def assert_same_bits(a: Tensor, b: Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape
     assert torch.equal(bits(a.contiguous()), bits(b.contiguous()))
-
-
-def make_layer(out_f: int, in_f: int, pattern: str, rank: int, bias: bool, dtype: torch.dtype = torch.float32,
-               density: float = 0.3, seed: int = 0) -> SparseLowRankLinear:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g)
-    if pattern == "unstructured":
-        w = torch.where(torch.rand(out_f, in_f, generator=g) < density, w, torch.zeros(()))
-    elif pattern != "dense":
-        w = random_prune(w, pattern, g)  # includes groups with fewer than N nonzeros and an all-zero row
-    U = torch.randn(out_f, rank, generator=g) * 0.3
-    V = torch.randn(in_f, rank, generator=g) * 0.3
-    b = torch.randn(out_f, generator=g) if bias else None
-    return SparseLowRankLinear.from_linear_parts(w, U, V, b, pattern=pattern).to(dtype)
-
-
-def reference(m: SparseLowRankLinear, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(y, magnitude) in float64: y = x (W_S + U Vᵀ)ᵀ + b from the layer's exact values, and
-    |x| |W_S|ᵀ + (|x| |V|) |U|ᵀ + |b|, the scale that every rounding error is relative to."""
-    xd, w, U, V = x.double(), m.sparse_weight.double(), m.U.double(), m.V.double()
-    b = m.bias.double() if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float64)
-    y = xd @ (w + U @ V.T).T + b
-    mag = xd.abs() @ w.abs().T + (xd.abs() @ V.abs()) @ U.abs().T + b.abs()
-    return y, mag
 
 
 def check_close(got: Tensor, m: SparseLowRankLinear, x: Tensor) -> None:

@@ -12,7 +12,7 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.pipeline import MatchOptions, compress, resolve_architecture
 from hasslefree.pipeline.capture import capture_block_inputs, run_block
 from hasslefree.pipeline.matching import match_block
-from tiny_models import tiny_llama, token_batch
+from helpers import tiny_llama, token_batch
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,8 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.pipeline import ResumeMismatch, compress, resolve_architecture
 from hasslefree.pipeline.capture import capture_block_inputs, run_block
 from hasslefree.rank_policy import RankPolicy
-from tiny_models import tiny_llama, tiny_model, token_batch
+from hasslefree import checkpoint
+from helpers import stories_text, tiny_llama, tiny_model, token_batch
 
 torch.set_num_threads(1)
 
@@ -203,7 +204,6 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
 
 
 def test_outputs_written_and_reloadable(tmp_path):
-    checkpoint = pytest.importorskip("hasslefree.checkpoint")
     ids = token_batch(2, 32)
     model = tiny_llama()
     compress(model, calibration=ids, rank=4, method="hassle-free-exact", iterations=1, out_dir=tmp_path,
@@ -220,15 +220,12 @@ def test_outputs_written_and_reloadable(tmp_path):
 
 
 def test_stories260k_two_four_end_to_end():
-    loading = pytest.importorskip("hasslefree.loading")
     from hasslefree.data import calibration_batch, eval_tokens
+    from hasslefree.loading import load_model
     from hasslefree.perplexity import perplexity
 
-    try:
-        model, tokenizer = loading.load_model("stories260K")
-        text = loading.find_data_file("text", "tinystories.validation-head.txt")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    text = stories_text()
+    model, tokenizer = load_model("stories260K")
     tokens = eval_tokens(tokenizer, text)
     dense = perplexity(model, tokens, 256, max_windows=16)
     calibration = calibration_batch(tokenizer, text, 8, 256, seed=0)

@@ -9,7 +9,7 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.sparse import SPARSE_SOLVERS, magnitude_prune, sparsegpt_prune, wanda_prune
 from hasslefree.sparse.refit import refit_on_support
 
-from conftest import correlated_problem
+from helpers import correlated_problem
 
 PATTERNS = ["2:4", "1:4", "3:8", "4:8", "2:8", "unstructured:0.35", "row:0.4"]
 
