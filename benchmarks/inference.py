@@ -35,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def checkpoint_model(args: argparse.Namespace, variant: str):
     if variant == "dense":
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(args.dense_dir or args.model, dtype=dtype)
     from hasslefree.checkpoint import load_compressed
 
     return load_compressed(args.compressed, packed=variant != "slr").to(dtype)
@@ -194,6 +195,24 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------- parent
+def dense_directory(model: str, dtype: str, folder: Path) -> Path:
+    """A Hugging Face folder of the dense model, so the dense variant loads the way a user's
+    model loads (``from_pretrained`` of safetensors): ``model`` itself when it is such a folder,
+    else the model as :func:`hasslefree.loading.load_model` gives it (aliases, GGUF, llama2.c)
+    saved into ``folder`` in ``dtype``. Nothing of the conversion stays in the measured process."""
+    if (Path(model) / "config.json").is_file():
+        return Path(model)
+    import torch
+
+    from hasslefree.loading import load_model
+
+    dense, tokenizer = load_model(model, dtype=getattr(torch, dtype))
+    dense.save_pretrained(folder)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
     env = dict(os.environ)
     if args.threads:
@@ -205,6 +224,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
     command = [sys.executable, __file__, *args.argv, "--child", "--variant", variant]
+    if variant == "dense" and args.dense_dir:
+        command += ["--dense-dir", str(args.dense_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
@@ -255,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--dense-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
@@ -266,9 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--prompt-tokens must be >= 8 and --new-tokens >= 1")
     args.argv = argv
     rows = []
-    for variant in args.variants:
-        print(f"running {variant} ...", file=sys.stderr, flush=True)
-        rows.append(run_variant(args, variant))
+    with tempfile.TemporaryDirectory(prefix="dense-") as folder:
+        if args.compressed is not None and "dense" in args.variants:
+            args.dense_dir = dense_directory(args.model, args.dtype, Path(folder))
+        for variant in args.variants:
+            print(f"running {variant} ...", file=sys.stderr, flush=True)
+            rows.append(run_variant(args, variant))
     if args.synthetic:
         source = (f"SYNTHETIC RANDOM WEIGHTS (no real model): Llama-shaped, hidden {args.hidden}, MLP "
                   f"{args.intermediate}, {args.blocks} blocks, vocab {args.vocab}; compressed = magnitude "
