@@ -130,6 +130,19 @@ def checkpoint_model(args: argparse.Namespace, variant: str):
     return load_compressed(args.compressed, packed=variant != "slr").to(dtype)
 
 
+def block_linear_bytes(model) -> int:
+    """Bytes of every linear layer's tensors (weights, packed values and positions, U, V, bias),
+    the LM head left out: the part that compression changes."""
+    import torch
+
+    from hasslefree.nn import PackedSparseLowRankLinear, SparseLowRankLinear
+
+    kinds = (torch.nn.Linear, SparseLowRankLinear, PackedSparseLowRankLinear)
+    return sum(t.numel() * t.element_size()
+               for name, m in model.named_modules() if isinstance(m, kinds) and not name.endswith("lm_head")
+               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+
+
 def child(args: argparse.Namespace) -> None:
     import gc
     import inspect
@@ -155,6 +168,7 @@ def child(args: argparse.Namespace) -> None:
     loaded = rss_mb()
     load_s = time.perf_counter() - began
     packed = sum(isinstance(m, PackedSparseLowRankLinear) for m in model.modules())
+    linear_mb = block_linear_bytes(model) / 2**20
     kernels = decode_kernels() if args.variant.startswith("packed") else None  # numba only where it is used
     if args.variant == "packed-numba" and kernels is None:
         raise SystemExit("packed-numba: the numba kernels are not available (pip install numba)")
@@ -188,6 +202,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "variant": args.variant, "load_s": load_s, "rss_base_mb": base, "rss_loaded_mb": loaded,
         "resident_mb": loaded - base, "rss_after_run_mb": rss_mb() - base, "packed_layers": packed,
+        "linear_mb": linear_mb,
         "prefill_s": prefill_s, "prefill_tok_s": args.prompt_tokens / prefill_s,
         "decode_s": decode_s, "decode_tok_s": args.new_tokens / decode_s, "tokens": generated,
         "torch_threads": torch.get_num_threads(), "kernels": kernels is not None,
@@ -239,15 +254,17 @@ def table(rows: list[dict], dtype: str) -> str:
     def ratio(r: dict, key: str) -> str:
         return f"{r[key] / dense[key]:.2f}×" if dense and dense[key] else "–"
 
-    lines = ["| variant | decode tok/s | × dense | prefill tok/s | × dense | resident MB | × dense "
-             "| RSS after run MB | greedy tokens = dense storage |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | decode tok/s | × dense | prefill tok/s | × dense | linear layers MB | × dense "
+             "| resident MB | × dense | RSS after run MB | greedy tokens = dense storage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     slr = next((r for r in rows if r["variant"] == "slr"), None)
     for r in rows:
         label = f"dense {dtype}" if r["variant"] == "dense" else VARIANTS[r["variant"]]
         same = "–" if slr is None or r["variant"] in ("dense", "slr") else ("yes" if r["tokens"] == slr["tokens"]
                                                                          else "no")
         lines.append(f"| {label} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} | {r['prefill_tok_s']:.1f} | "
-                     f"{ratio(r, 'prefill_tok_s')} | {r['resident_mb']:,.0f} | {ratio(r, 'resident_mb')} | "
+                     f"{ratio(r, 'prefill_tok_s')} | {r['linear_mb']:,.0f} | {ratio(r, 'linear_mb')} | "
+                     f"{r['resident_mb']:,.0f} | {ratio(r, 'resident_mb')} | "
                      f"{r['rss_after_run_mb']:,.0f} | {same} |")
     return "\n".join(lines)
 
