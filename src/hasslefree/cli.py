@@ -161,9 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _compress(args: argparse.Namespace) -> int:
     from hasslefree.data import calibration_batch, resolve_source
     from hasslefree.evaluate import check_seqlen
-    from hasslefree.patterns import SparsityPattern
     from hasslefree.pipeline import DEFAULT_SKIP, MatchOptions, ResumeMismatch, check_calibration, compress, prepare
-    from hasslefree.pipeline.plan import check_method
+    from hasslefree.pipeline.api import check_options
 
     engine = {key: value for key, value in (("percdamp", args.percdamp), ("tolerance", args.tolerance),
                                             ("coordinate_damp", args.coordinate_damp))
@@ -172,15 +171,17 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         overrides = parse_overrides(args.override)
         rank = rank_from_args(args)
-        check_method(args.method)
         hss = hss_from_args(args)
+        check_options(pattern=args.pattern, rank=rank, method=args.method, iterations=args.iterations,
+                      overrides=overrides, skip=skip, engine_options=engine, hss=hss)
         match = MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target)
         if match.enabled and args.no_modules:
             raise ValueError("--match-epochs tunes the compressed modules; it cannot run with --no-modules")
-        SparsityPattern.parse(args.pattern)
         device = device_from_arg(args.device)
         if args.nsamples < 1 or args.batch_size < 1:
             raise ValueError("--nsamples and --batch-size must be >= 1")
+        if args.seqlen is not None and args.seqlen < 1:
+            raise ValueError(f"--seqlen must be >= 1, got {args.seqlen}")
         resolve_source(args.calib, split="calib")
         model, tokenizer, block_weights = _load_for_compress(args)
         prepare(model, pattern=args.pattern, rank=rank, method=args.method, iterations=args.iterations,

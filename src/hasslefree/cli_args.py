@@ -73,8 +73,16 @@ def device_from_arg(name: str | None) -> str:
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise UsageError(f"device {name!r} requested but it is not available")
     return name
 
 

@@ -231,7 +231,9 @@ def resolve_layer(out_features: int, in_features: int, pattern: str | SparsityPa
     try:
         pattern = SparsityPattern.parse(pattern)
         pattern.validate_shape(out_features, in_features, name)
-        policy = rank if isinstance(rank, RankPolicy) else RankPolicy.fixed(int(rank))
+        if not isinstance(rank, RankPolicy) and (isinstance(rank, bool) or not isinstance(rank, int)):
+            raise ValueError(f"rank must be an integer or a RankPolicy, got {rank!r}")
+        policy = rank if isinstance(rank, RankPolicy) else RankPolicy.fixed(rank)
         rank_value, pattern = policy.resolve(pattern, out_features, in_features)
     except ValueError as exc:
         raise ValueError(str(exc) if str(exc).startswith(name) else f"{name}: {exc}") from None
@@ -290,7 +292,11 @@ def _check_options_of(kind: str, solver, options: dict | None) -> None:
 def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver, lowrank_solver,
               start, name, sparse_options=None, lowrank_options=None):
     """All argument checks, so bad input fails with a clear message before any work."""
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a preset name (a string), got {method!r}")
     get_method(method)
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(f"{name}: weight must be a 2-D tensor (out x in)")
     if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
@@ -314,6 +320,4 @@ def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver,
     check_solver_options(method, sparse_solver, lowrank_solver, sparse_options, lowrank_options)
     if start is not None and start not in {"sparse", "lowrank", "auto"}:
         raise ValueError(f"start must be 'sparse', 'lowrank' or 'auto', got {start!r}")
-    if iterations is not None and iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
     return pattern, rank_value

@@ -19,7 +19,7 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.rank_policy import RankPolicy
 from hasslefree.perplexity import model_context_length
 from hasslefree.pipeline.plan import (DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, check_method,
-                                      policy_text)
+                                      compile_skips, normalise_overrides, policy_text)
 from hasslefree.architectures import resolve_architecture
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
@@ -34,15 +34,17 @@ logger = logging.getLogger(__name__)
 _PIPELINE_SET = {"weight", "weights", "hessian", "pattern", "rank", "method", "iterations", "seed", "name"}
 
 
-def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: int | RankPolicy | None = None,
-            method: str = "hassle-free", iterations: int | None = None,
-            overrides: Mapping[str, Mapping[str, Any]] | None = None,
-            skip: Sequence[str] = DEFAULT_SKIP, engine_options: Mapping[str, Any] | None = None,
-            hss: HSSOptions | Mapping[str, Any] | None = None) -> Plan:
-    """Check every argument and every targeted layer; return the plan. Does no heavy work."""
+def check_options(*, pattern: str | SparsityPattern = "2:4", rank: int | RankPolicy | None = None,
+                  method: str = "hassle-free", iterations: int | None = None,
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None, skip: Sequence[str] = DEFAULT_SKIP,
+                  engine_options: Mapping[str, Any] | None = None,
+                  hss: HSSOptions | Mapping[str, Any] | None = None) -> None:
+    """Every check of :func:`prepare` that needs no model, so a front end (the CLI) can reject
+    bad settings before it loads anything."""
     check_method(method)
-    hss_options = HSSOptions.from_value(hss) if hss is not None else None
-    if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
+    if hss is not None:
+        HSSOptions.from_value(hss)
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     known = (set(inspect.signature(decompose_layer).parameters) | set(inspect.signature(decompose_group).parameters))
     unknown = set(engine_options or {}) - (known - _PIPELINE_SET)
@@ -50,6 +52,21 @@ def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: i
         raise ValueError(f"unknown engine option(s) {', '.join(sorted(unknown))}; see hasslefree.decompose_layer")
     check_numeric_options(**{k: v for k, v in (engine_options or {}).items()
                              if k in ("percdamp", "coordinate_damp", "tolerance", "patience")})
+    SparsityPattern.parse(pattern)
+    as_rank_policy(rank)
+    normalise_overrides(overrides)
+    compile_skips(skip)
+
+
+def prepare(model: nn.Module, *, pattern: str | SparsityPattern = "2:4", rank: int | RankPolicy | None = None,
+            method: str = "hassle-free", iterations: int | None = None,
+            overrides: Mapping[str, Mapping[str, Any]] | None = None,
+            skip: Sequence[str] = DEFAULT_SKIP, engine_options: Mapping[str, Any] | None = None,
+            hss: HSSOptions | Mapping[str, Any] | None = None) -> Plan:
+    """Check every argument and every targeted layer; return the plan. Does no heavy work."""
+    check_options(pattern=pattern, rank=rank, method=method, iterations=iterations, overrides=overrides, skip=skip,
+                  engine_options=engine_options, hss=hss)
+    hss_options = HSSOptions.from_value(hss) if hss is not None else None
     arch = resolve_architecture(model)
     defaults = LayerSettings(SparsityPattern.parse(pattern), as_rank_policy(rank), method, iterations, hss_options)
     plan = build_plan(model, arch, defaults, overrides, skip)

@@ -126,7 +126,21 @@ def normalise_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> li
             clean["rank"] = as_rank_policy(clean["rank"])
         if "method" in clean:
             check_method(clean["method"])
+        iterations = clean.get("iterations")
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+            raise ValueError(f"override {regex!r}: iterations must be an integer >= 1, got {iterations!r}")
         compiled.append((pattern, clean))
+    return compiled
+
+
+def compile_skips(skip: Sequence[str]) -> list[re.Pattern]:
+    """The skip regexes, compiled, or a ValueError naming the one that is not a regex."""
+    compiled = []
+    for regex in skip:
+        try:
+            compiled.append(re.compile(regex))
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"skip {regex!r} is not a valid regular expression: {exc}") from None
     return compiled
 
 
@@ -140,7 +154,7 @@ def build_plan(model: nn.Module, arch: Architecture, defaults: LayerSettings,
     HSS paper; an override with ``skip: False`` brings other layers in.
     """
     rules = normalise_overrides(overrides)
-    skips = [re.compile(s) for s in skip]
+    skips = compile_skips(skip)
     blocks = arch.block_list(model)
     problems: list[str] = []
     plan_blocks = []
