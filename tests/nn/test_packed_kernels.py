@@ -111,6 +111,32 @@ def test_unstructured_kernel_matches_float64_and_torch(kernels: None, density: f
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, bias", LOW_RANK)
+@pytest.mark.parametrize("pattern, in_f, density", [("2:4", 64, 0.5), ("2:4", 112, 0.5), ("unstructured", 64, 0.3),
+                                                    ("unstructured", 61, 0.5), ("unstructured", 127, 1.0),
+                                                    ("unstructured", 64, 0.0)])
+def test_masked_expand_path_matches_float64(kernels: None, monkeypatch, pattern: str, in_f: int, density: float,
+                                            rank: int, bias: bool, dtype: torch.dtype) -> None:
+    """One token on 2:4 rows of a width divisible by 16, or bit-mask rows of an even byte count:
+    the masked-expand kernel runs (counted) and is within the float32 bound of the float64 result."""
+    from hasslefree.nn import packed_kernels
+
+    calls = []
+    original = packed_kernels._masked_single_token_kernel
+    monkeypatch.setattr(packed_kernels, "_masked_single_token_kernel", lambda *a: calls.append(1) or original(*a))
+    m = make_layer(45, in_f, pattern, rank, bias, dtype, density=density, seed=in_f + rank)
+    p = PackedSparseLowRankLinear.from_module(m)
+    g = torch.Generator().manual_seed(7)
+    for scale in (1.0, 1e-3, 1e3):
+        x = (torch.randn(1, in_f, generator=g) * scale).to(dtype)
+        assert_close_ref(p.forward_kernel(x), m, x)
+    assert len(calls) == 3
+    x3 = torch.randn(3, in_f, generator=g).to(dtype)  # several tokens: the general kernels
+    assert_close_ref(p.forward_kernel(x3), m, x3)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pattern, in_f", [("2:4", 1000), ("5:300", 650), ("unstructured", 1001)])
 def test_kernel_larger_layers(kernels: None, pattern: str, in_f: int, dtype: torch.dtype) -> None:
     """Several row blocks and V blocks; 5:300 codes positions in 9 bits, across byte boundaries."""

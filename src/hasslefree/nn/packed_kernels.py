@@ -17,6 +17,12 @@ costs one pass over the packed W_S. The kernels make exactly that pass:
   byte, the row's first value comes from per-row offsets (the running popcount of the mask,
   computed once per layer by the caller).
 
+* **one token, 2:4 (input width a multiple of 16) or a bit mask with an even number of bytes
+  per row** — :func:`~hasslefree.nn.packed_intrinsics.masked_row_dot`: 16 inputs at a time,
+  the kept values expanded over their lanes by the chunk's keep mask and one vector FMA with
+  the 16 contiguous inputs (no gathers; ``vpexpand`` on AVX-512). Its 16 lanes are summed by a
+  fixed tree at the end of the row.
+
 Work is split over output rows (``prange`` over blocks of :data:`ROW_BLOCK` rows, one
 scratch accumulator per block). Tokens are the innermost loop, so the packed values and
 positions are read once per call whatever the number of tokens. Accumulation is float32,
@@ -39,50 +45,16 @@ import math
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
 from numba import njit, prange
-from numba.core import types
-from numba.extending import intrinsic, overload
 from torch import Tensor
+
+from hasslefree.nn.packed_intrinsics import _f32, mask_tables, masked_row_dot
 
 __all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "nm_forward", "unstructured_forward", "set_threads_like_torch"]
 
 ROW_BLOCK = 8  # output rows per parallel work item
 V_BLOCK = 256  # rows of V per partial sum of x V (fixed, so results do not depend on threads)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-
-
-# ----------------------------------------------------------------- bf16 widening
-@intrinsic
-def _bf16_bits_to_f32(typingctx, bits):
-    """float32 whose bit pattern is ``bits`` (the low 16 bits of an integer) << 16."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        (value,) = args
-        i32 = ir.IntType(32)
-        width = value.type.width
-        if width < 32:
-            value = builder.zext(value, i32)  # zero-extend: the 16 bits as they are, sign or not
-        elif width > 32:
-            value = builder.trunc(value, i32)
-        return builder.bitcast(builder.shl(value, ir.Constant(i32, 16)), ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-def _f32(value):  # pragma: no cover - replaced by the overload inside compiled code
-    raise NotImplementedError
-
-
-@overload(_f32)
-def _f32_overload(value):
-    if isinstance(value, types.Float):
-        return lambda value: np.float32(value)
-    if isinstance(value, types.Integer):  # a bfloat16 bit pattern
-        return lambda value: _bf16_bits_to_f32(value)
-    return None
 
 
 # ----------------------------------------------------------------- kernels
@@ -192,6 +164,21 @@ def _unstructured_kernel(mask, values, offsets, set_count, set_bits, xt, U, z, b
             _finish_row(acc, o, U, z, bias, has_bias, y)
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def _masked_single_token_kernel(values, offsets, codes, row_bytes, table, chunks, x, U, z, bias, has_bias, y):
+    """One token, rows whose keep masks come 16 inputs per two code bytes (see
+    :func:`~hasslefree.nn.packed_intrinsics.masked_row_dot`): row ``o``'s values start at
+    ``offsets[o]`` of the flat ``values`` and its codes at byte ``o · row_bytes``; ``x`` is
+    float32, zero-padded to 16·chunks."""
+    out_f = y.shape[1]
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.zeros((4, 1), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            acc[0, 0] = masked_row_dot(values[offsets[o]:], codes, o * row_bytes, table, chunks, x)
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
 def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
     count = np.zeros(256, dtype=np.int64)
     where = np.zeros((256, 8), dtype=np.int64)
@@ -203,6 +190,7 @@ def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
 
 
 _SET_COUNT, _SET_BITS = _set_bit_table()
+_IDENTITY_MASKS, _TWO_FOUR_MASKS = mask_tables()
 
 
 # ----------------------------------------------------------------- torch-facing wrappers
@@ -256,7 +244,13 @@ def nm_forward(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bit
     xt = _prepare(x2d, rows)
     Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
     set_threads_like_torch()
-    _nm_kernel(_np(values), _np(indices), n, m, bits, xt, Un, z, bn, has_bias, y)
+    if x2d.shape[0] == 1 and (n, m) == (2, 4) and in_features % 16 == 0:  # the masked-expand path
+        per_row = values.shape[1]
+        offsets = np.arange(out_f, dtype=np.int64) * per_row
+        _masked_single_token_kernel(_np(values).reshape(-1), offsets, _np(indices), in_features // 8, _TWO_FOUR_MASKS,
+                                    in_features // 16, xt.reshape(-1), Un, z, bn, has_bias, y)
+    else:
+        _nm_kernel(_np(values), _np(indices), n, m, bits, xt, Un, z, bn, has_bias, y)
     return _output(y, x2d.dtype)
 
 
@@ -268,5 +262,9 @@ def unstructured_forward(x2d: Tensor, mask: Tensor, values: Tensor, offsets: Ten
     xt = _prepare(x2d, max(in_features, row_bytes * 8))
     Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
     set_threads_like_torch()
-    _unstructured_kernel(_np(mask), _np(values), _np(offsets), _SET_COUNT, _SET_BITS, xt, Un, z, bn, has_bias, y)
+    if x2d.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
+        _masked_single_token_kernel(_np(values), _np(offsets), _np(mask), row_bytes, _IDENTITY_MASKS, row_bytes // 2,
+                                    xt.reshape(-1), Un, z, bn, has_bias, y)
+    else:
+        _unstructured_kernel(_np(mask), _np(values), _np(offsets), _SET_COUNT, _SET_BITS, xt, Un, z, bn, has_bias, y)
     return _output(y, x2d.dtype)
