@@ -260,3 +260,25 @@ def test_env_var_disables_kernel(monkeypatch: pytest.MonkeyPatch, dtype: torch.d
         warnings.simplefilter("error")  # switched off on purpose: no warning
         _decode_outputs(layers, dtype)
     assert decode_kernels() is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern, in_f", [*((p, 50) for p in NM_PATTERNS), ("2:4", 64), ("unstructured", 53),
+                                           ("unstructured", 64)])
+def test_compiled_tile_unpack_is_bit_exact(kernels: None, monkeypatch, pattern: str, in_f: int,
+                                           dtype: torch.dtype) -> None:
+    """The tiled (prefill) path unpacks W_S tiles with numba: the same bits as the torch unpack
+    and as the dense-storage layer, over several tiles (8 rows each) and a partial last one."""
+    m = make_layer(29, in_f, pattern, 3, True, dtype, density=0.4, seed=in_f)
+    p = PackedSparseLowRankLinear.from_module(m)
+    p.tile_rows = 8
+    compiled = p.sparse_dense()
+    x = torch.randn(5, in_f).to(dtype)
+    y_compiled = p.forward_tiled(x)
+    monkeypatch.setenv(packed_dispatch.NO_KERNELS_ENV, "1")
+    assert packed_dispatch.unpack_kernels_for(p) is None
+    plain = p.sparse_dense()
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(compiled.view(bits), plain.view(bits))  # bit for bit, signs of zeros included
+    assert torch.equal(compiled, m.sparse_weight.detach())
+    assert torch.equal(y_compiled, p.forward_tiled(x))

@@ -55,6 +55,17 @@ def kernels_for(layer: Any, x2d: Tensor) -> ModuleType | None:
     return decode_kernels()
 
 
+def unpack_kernels_for(layer: Any) -> ModuleType | None:
+    """The kernel module when W_S tiles of this layer may be unpacked by it: N:M or bit-mask
+    values (buffers, never trained) on the CPU in float32/bfloat16. The tiles are exact copies
+    either way, so this only changes the speed."""
+    if layer.kind == "dense" or layer.values.device.type != "cpu":
+        return None
+    if layer.values.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return decode_kernels()
+
+
 def row_offsets(layer: Any) -> Tensor:
     """Index of the first stored value of every row (+ the total), int64 on the CPU, from the
     mask popcount; computed once and kept as a plain attribute (not a buffer: it is derived,

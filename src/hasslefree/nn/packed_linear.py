@@ -184,6 +184,14 @@ class PackedSparseLowRankLinear(nn.Module):
         if self.kind == "dense":
             for r0 in range(0, out_f, tile):
                 yield r0, min(r0 + tile, out_f), values[r0 : r0 + tile]
+        elif (kernels := packed_dispatch.unpack_kernels_for(self)) is not None:  # compiled, same bits
+            offsets = packed_dispatch.row_offsets(self) if self.kind != "nm" else None
+            for r0 in range(0, out_f, tile):
+                r1 = min(r0 + tile, out_f)
+                if self.kind == "nm":
+                    yield r0, r1, kernels.nm_unpack_rows(values, self.indices, self.n, self.m, self.bits, r0, r1, in_f)
+                else:
+                    yield r0, r1, kernels.mask_unpack_rows(self.mask, values, offsets, r0, r1, in_f)
         elif self.kind == "nm":
             groups, n, m = math.ceil(in_f / self.m), self.n, self.m
             for r0, r1, pos in self._positions(self.indices, tile, values.device):
