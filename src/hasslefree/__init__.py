@@ -7,7 +7,8 @@ tr((W − Ŵ) H (W − Ŵ)ᵀ) with H = XᵀX.
 The public API, all importable from here:
 
 * one layer: :func:`decompose_layer`, :func:`decompose_group`, :func:`prepare_hessian`;
-* a whole model: :func:`compress` (with :class:`MatchOptions` for block-output matching) and
+* a whole model: :func:`compress`, driven by a :class:`Recipe` (typed, JSON round-trip; with
+  :class:`EngineOptions` and :class:`MatchOptions`) or the same settings as keywords, and
   :func:`prepare` (checks a run's settings against a model without doing any work);
 * checkpoints: :func:`save_compressed`, :func:`load_compressed`, :func:`export_dense`,
   :func:`export_peft`; models by name or path: :func:`load_model`.
@@ -34,6 +35,8 @@ _LAZY = {
     "compress": "hasslefree.pipeline",
     "prepare": "hasslefree.pipeline",
     "MatchOptions": "hasslefree.pipeline",
+    "Recipe": "hasslefree.pipeline",
+    "EngineOptions": "hasslefree.pipeline",
     "CompressionReport": "hasslefree.pipeline",
     "save_compressed": "hasslefree.checkpoint",
     "load_compressed": "hasslefree.checkpoint",
@@ -45,11 +48,13 @@ _LAZY = {
 __all__ = [
     "CompressionReport",
     "Decomposition",
+    "EngineOptions",
     "HessianAccumulator",
     "MatchOptions",
     "PRESETS",
     "PreparedHessian",
     "RankPolicy",
+    "Recipe",
     "SparsityPattern",
     "compress",
     "decompose_group",

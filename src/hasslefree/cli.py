@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hasslefree.cli_args import (HSS_FLAGS, UsageError, device_from_arg, dtype_from_arg, hss_from_args, one_line,
-                                  parse_overrides, rank_from_args)
+                                  parse_overrides, rank_from_args, recipe_from_args)
 
 logger = logging.getLogger("hasslefree.cli")
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", parents=[quiet], help="compress a model into a checkpoint directory")
     c.add_argument("model", help="HF folder, hub id, .gguf, llama2.c .bin, or alias (smollm2, stories260K)")
     c.add_argument("--out", required=True, help="output directory (also holds the resume state)")
+    c.add_argument("--recipe", metavar="FILE", help="take every setting from a recipe JSON (or a run's report.json); then give "
+                                                    "only --out, --dtype, --device, --calib and run flags")
     c.add_argument("--pattern", default="2:4", help="N:M (keep N of M), unstructured:D, row:D or dense")
     budget = c.add_mutually_exclusive_group()
     budget.add_argument("--rank", type=int, help="fixed rank per layer (default 64; 0 for pruning methods)")
@@ -159,47 +161,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from hasslefree.data import calibration_batch, resolve_source
     from hasslefree.evaluate import check_seqlen
-    from hasslefree.pipeline import DEFAULT_SKIP, MatchOptions, ResumeMismatch, check_calibration, compress, prepare
+    from hasslefree.pipeline import ResumeMismatch, check_calibration, compress, prepare
     from hasslefree.pipeline.api import check_options
 
-    engine = {key: value for key, value in (("percdamp", args.percdamp), ("tolerance", args.tolerance),
-                                            ("coordinate_damp", args.coordinate_damp))
-              if value is not None}
-    skip = (*DEFAULT_SKIP, *args.skip)
+    defaults = vars(build_parser().parse_args(["compress", args.model, "--out", args.out]))
     try:
-        overrides = parse_overrides(args.override)
-        rank = rank_from_args(args)
-        hss = hss_from_args(args)
-        check_options(pattern=args.pattern, rank=rank, method=args.method, iterations=args.iterations,
-                      overrides=overrides, skip=skip, engine_options=engine, hss=hss)
-        match = MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target)
-        if match.enabled and args.no_modules:
-            raise ValueError("--match-epochs tunes the compressed modules; it cannot run with --no-modules")
+        recipe = recipe_from_args(args, defaults)
+        engine = recipe.engine.given()
+        check_options(pattern=recipe.pattern, rank=recipe.rank_policy(), method=recipe.method,
+                      iterations=recipe.iterations, overrides=recipe.overrides, skip=recipe.skip, engine_options=engine,
+                      hss=recipe.hss)
         device = device_from_arg(args.device)
-        if args.nsamples < 1 or args.batch_size < 1:
-            raise ValueError("--nsamples and --batch-size must be >= 1")
-        if args.seqlen is not None and args.seqlen < 1:
-            raise ValueError(f"--seqlen must be >= 1, got {args.seqlen}")
-        resolve_source(args.calib, split="calib")
+        resolve_source(recipe.calib, split="calib")
         model, tokenizer, block_weights = _load_for_compress(args)
-        prepare(model, pattern=args.pattern, rank=rank, method=args.method, iterations=args.iterations,
-                overrides=overrides, skip=skip, engine_options=engine, hss=hss)
-        seqlen = check_seqlen(model, args.seqlen)
-        calibration = check_calibration(model, calibration_batch(tokenizer, args.calib, args.nsamples, seqlen,
-                                                                 args.seed))
+        prepare(model, pattern=recipe.pattern, rank=recipe.rank_policy(), method=recipe.method,
+                iterations=recipe.iterations, overrides=recipe.overrides, skip=recipe.skip, engine_options=engine,
+                hss=recipe.hss)
+        # without --seqlen (or a recipe) the window is 2048 capped at the model's context
+        recipe = dataclasses.replace(recipe, seqlen=check_seqlen(model, recipe.seqlen if args.recipe or args.seqlen
+                                                                 else None))
+        calibration = check_calibration(model, calibration_batch(tokenizer, recipe.calib, recipe.nsamples,
+                                                                 recipe.seqlen, recipe.seed))
     except (ValueError, OSError) as exc:
         raise UsageError(one_line(exc)) from None
     try:
         with _logging_beside_bars(not args.quiet):
-            report = compress(model, tokenizer, calibration=calibration, pattern=args.pattern, rank=rank,
-                              method=args.method, iterations=args.iterations, overrides=overrides, skip=skip,
-                              device=device, out_dir=args.out, seed=args.seed, progress=not args.quiet,
-                              batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
-                              dense=args.no_modules, model_name=args.model, hss=hss,
-                              activation_dtype=dtype_from_arg(args.activation_dtype or args.dtype),
-                              block_weights=block_weights, match=match, **engine)
+            report = compress(model, tokenizer, recipe, calibration=calibration, device=device, out_dir=args.out,
+                              progress=not args.quiet, model_name=args.model, block_weights=block_weights)
     except ResumeMismatch as exc:
         raise UsageError(one_line(exc)) from None
     sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")

@@ -50,6 +50,37 @@ def rank_from_args(args: argparse.Namespace) -> Any:
     return args.rank
 
 
+# compress flags that are part of the recipe (everything that changes the result)
+RECIPE_FLAGS = ("pattern", "rank", "rho", "kappa", "method", "iterations", "override", "skip", "seed", "percdamp",
+                "coordinate_damp", "tolerance", "match_epochs", "match_lr", "match_target", "calib", "nsamples",
+                "seqlen", "batch_size", "no_true_sequential", "no_modules", "activation_dtype", "sparsity",
+                "outer_rank", "hss_budget", "leaf", "min_rank", "rank_decay", "sweeps")
+
+
+def recipe_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
+    """The run's :class:`~hasslefree.pipeline.recipe.Recipe`: read from ``--recipe FILE`` (then no
+    recipe flag may differ from its default), else built from the flags."""
+    from hasslefree.pipeline import DEFAULT_SKIP, MatchOptions
+    from hasslefree.pipeline.recipe import Recipe
+
+    if args.recipe:  # every setting from the file; only the calibration source may be named here
+        changed = [flag for flag in RECIPE_FLAGS if flag != "calib" and getattr(args, flag) != defaults.get(flag)]
+        if changed:
+            raise UsageError(f"--recipe gives every setting; drop {', '.join('--' + f.replace('_', '-') for f in changed)}")
+        return Recipe.from_json_file(args.recipe, calib=args.calib if args.calib != defaults.get("calib") else None)
+    if args.match_epochs and args.no_modules:
+        raise UsageError("--match-epochs tunes the compressed modules; it cannot run with --no-modules")
+    engine = {key: value for key, value in (("percdamp", args.percdamp), ("tolerance", args.tolerance),
+                                            ("coordinate_damp", args.coordinate_damp)) if value is not None}
+    return Recipe.from_settings(dict(
+        pattern=args.pattern, rank=rank_from_args(args), method=args.method, iterations=args.iterations,
+        overrides=parse_overrides(args.override), skip=(*DEFAULT_SKIP, *args.skip), seed=args.seed,
+        hss=hss_from_args(args), match=MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target),
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen or 2048, batch_size=args.batch_size,
+        true_sequential=not args.no_true_sequential, dense=args.no_modules,
+        activation_dtype=args.activation_dtype or args.dtype, **engine))
+
+
 HSS_FLAGS = {"sparsity": "sparsity", "outer_rank": "outer_rank", "hss_budget": "budget", "leaf": "leaf",
              "min_rank": "min_rank", "rank_decay": "rank_decay", "sweeps": "sweeps"}
 

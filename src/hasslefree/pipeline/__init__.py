@@ -8,6 +8,7 @@ earlier layers, and swaps in :class:`hasslefree.nn.SparseLowRankLinear` modules 
 
 from hasslefree.pipeline.api import check_calibration, compress, prepare
 from hasslefree.pipeline.matching import MATCH_TARGETS, MatchOptions
+from hasslefree.pipeline.recipe import EngineOptions, Recipe
 from hasslefree.pipeline.plan import DEFAULT_SKIP, LayerSettings, Plan, TargetLayer, build_plan
 from hasslefree.architectures import ARCHITECTURES, Architecture, lookup, resolve_architecture
 from hasslefree.pipeline.report import CompressionReport, LayerRecord
@@ -18,11 +19,13 @@ __all__ = [
     "Architecture",
     "CompressionReport",
     "DEFAULT_SKIP",
+    "EngineOptions",
     "LayerRecord",
     "LayerSettings",
     "MATCH_TARGETS",
     "MatchOptions",
     "Plan",
+    "Recipe",
     "ResumeMismatch",
     "TargetLayer",
     "build_plan",

@@ -21,6 +21,7 @@ from hasslefree.perplexity import model_context_length
 from hasslefree.pipeline.plan import (DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, check_method,
                                       compile_skips, normalise_overrides, policy_text)
 from hasslefree.architectures import resolve_architecture
+from hasslefree.pipeline.recipe import Recipe
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
 from hasslefree.pipeline.matching import MatchOptions
@@ -111,34 +112,24 @@ def check_calibration(model: nn.Module, calibration: torch.Tensor) -> torch.Tens
 def compress(
     model: nn.Module,
     tokenizer: Any = None,
+    recipe: Recipe | Mapping[str, Any] | None = None,
     *,
     calibration: torch.Tensor | None = None,
-    calib: str | os.PathLike[str] = "c4",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    pattern: str | SparsityPattern = "2:4",
-    rank: int | RankPolicy | None = None,
-    method: str = "hassle-free",
-    iterations: int | None = None,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    skip: Sequence[str] = DEFAULT_SKIP,
     device: str | torch.device | None = None,
     out_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
     progress: bool = True,
-    batch_size: int = 1,
-    true_sequential: bool = True,
-    dense: bool = False,
-    activation_dtype: torch.dtype = torch.float32,
-    hessian_dtype: torch.dtype = torch.float32,
     model_name: str | None = None,
     on_block_end: BlockCallback | None = None,
-    hss: HSSOptions | Mapping[str, Any] | None = None,
     block_weights: BlockWeights | None = None,
-    match: MatchOptions | Mapping[str, Any] | None = None,
-    **engine_options: Any,
+    **settings: Any,
 ) -> CompressionReport:
     """Compress every linear layer of ``model``'s decoder blocks in place; return the report.
+
+    What to do is a :class:`~hasslefree.pipeline.recipe.Recipe` (or a mapping of its fields),
+    or, equivalently, its fields as keywords (``pattern="2:4", rank=64, method=...``, with
+    ``rank`` an int or a RankPolicy, dtypes as torch dtypes, and the engine options of
+    :func:`hasslefree.decompose_layer` such as ``percdamp`` flat among them); not both. The
+    report records the recipe (``report.recipe``), so a run can be repeated from it.
 
     ``rank`` None means 64 for sparse + low-rank methods and 0 for pruning-only ones
     (magnitude, wanda, sparsegpt, alps). ``overrides`` maps a regex on full layer names to
@@ -166,15 +157,17 @@ def compress(
     ``overrides`` (``{"q_proj": {"method": "shss-rcm"}}``) any layer. ``percdamp`` in
     ``engine_options`` also damps the data-aware HSS fit.
     """
+    recipe = as_recipe(recipe, settings)
+    pattern, rank, method, iterations = recipe.pattern, recipe.rank_policy(), recipe.method, recipe.iterations
+    overrides, skip, seed, hss, match = recipe.overrides, recipe.skip, recipe.seed, recipe.hss, recipe.match
+    batch_size, true_sequential, dense = recipe.batch_size, recipe.true_sequential, recipe.dense
+    calib, nsamples, seqlen = recipe.calib, recipe.nsamples, recipe.seqlen
+    activation_dtype, hessian_dtype = recipe.dtype("activation_dtype"), recipe.dtype("hessian_dtype")
+    engine_options = recipe.engine.given()
     plan = prepare(model, pattern=pattern, rank=rank, method=method, iterations=iterations,
                    overrides=overrides, skip=skip, engine_options=engine_options, hss=hss)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if block_weights is not None and out_dir is None:
         raise ValueError("streaming the blocks (block_weights) needs out_dir to checkpoint them in")
-    match = as_match_options(match)
-    if match.enabled and dense:
-        raise ValueError("block-output matching tunes the SparseLowRankLinear modules; it cannot run with dense=True")
     if calibration is None:
         if tokenizer is None:
             raise ValueError("pass calibration token ids, or a tokenizer to build them from calib")
@@ -214,7 +207,8 @@ def compress(
     report = CompressionReport(model=str(name), architecture=plan.architecture.name,
                                config={k: v for k, v in config.items() if k != "model"}, layers=records,
                                timings=timer.summary(), resumed_blocks=resumed, peak_rss_mb=round(peak_rss_mb(), 1),
-                               cuda_peak_mb=cuda_peak_mb(device), matching=[asdict(m) for m in matches])
+                               cuda_peak_mb=cuda_peak_mb(device), matching=[asdict(m) for m in matches],
+                               recipe=recipe.to_dict())
     logger.info("%s", report.summary())
     if out_dir is not None:
         streamed = None if block_weights is None or dense else _StreamedBlocks(plan.architecture.blocks, store,
@@ -223,17 +217,17 @@ def compress(
     return report
 
 
-def as_match_options(value: MatchOptions | Mapping[str, Any] | None) -> MatchOptions:
-    """MatchOptions from an instance, a mapping of its fields, or None (off); unknown keys are errors."""
-    if value is None or isinstance(value, MatchOptions):
-        return value or MatchOptions()
-    if not isinstance(value, Mapping):
-        raise ValueError(f"match must be MatchOptions or a mapping, got {type(value).__name__}")
-    known = set(MatchOptions.__dataclass_fields__)
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"unknown match option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-    return MatchOptions(**value)
+def as_recipe(recipe: Recipe | Mapping[str, Any] | None, settings: Mapping[str, Any]) -> Recipe:
+    """The run's recipe from ``compress``'s ``recipe`` argument or its keyword settings."""
+    if recipe is not None and settings:
+        raise ValueError(f"pass either a recipe or the keyword settings ({', '.join(sorted(settings))}), not both")
+    if recipe is None:
+        return Recipe.from_settings(settings)
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return Recipe.from_dict(recipe)
+    raise ValueError(f"recipe must be a Recipe or a mapping of its fields, got {type(recipe).__name__}")
 
 
 class _StreamedBlocks:
@@ -263,7 +257,7 @@ def _run_config(model, plan, calibration, pattern, rank, method, iterations, ove
         "iterations": iterations, "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
         "skip": list(skip), "seed": seed, "batch_size": batch_size, "true_sequential": true_sequential,
         "dense": dense, "activation_dtype": str(dtypes[0]), "hessian_dtype": str(dtypes[1]),
-        "engine_options": {k: repr(v) for k, v in sorted(engine_options.items())},
+        "engine_options": dict(sorted(engine_options.items())),  # JSON values: the hash is canonical JSON
     }
 
 

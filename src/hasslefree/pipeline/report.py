@@ -72,6 +72,7 @@ class CompressionReport:
     peak_rss_mb: float = 0.0
     cuda_peak_mb: float | None = None
     matching: list[dict[str, Any]] = field(default_factory=list)  # per block, when block-output matching ran
+    recipe: dict[str, Any] | None = None  # the run's Recipe.to_dict(): rerun it with --recipe report.json
 
     @property
     def parameters(self) -> int:
