@@ -18,7 +18,7 @@ from hasslefree.checkpoint import CheckpointError, load_compressed, save_compres
 from hasslefree.sparse_storage import encode_sparse
 from hasslefree.checkpoint.linear_codec import packed_from_encoded
 from hasslefree.nn import PackedSparseLowRankLinear, SparseLowRankLinear, pack_model, unpack_model
-from helpers import VOCAB, make_layer, random_prune, reference, tiny_compressed_llama
+from helpers import VOCAB, make_layer, reference, tiny_compressed_llama
 
 torch.set_num_threads(1)
 

@@ -24,7 +24,6 @@ from hasslefree.architectures import resolve_architecture
 from hasslefree.pipeline.recipe import Recipe
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
-from hasslefree.pipeline.matching import MatchOptions
 from hasslefree.pipeline.sequential import BlockCallback, PipelineOptions, run_sequential
 
 if TYPE_CHECKING:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.pipeline.layers import layer_weight
 from hasslefree.pipeline.plan import TargetLayer
 
-__all__ = ["HSSResult", "fit_hss_layer", "hss_shell"]
+__all__ = ["HSSResult", "fit_hss_layer"]
 
 
 @dataclass
@@ -57,11 +56,6 @@ class HSSResult:
     def to_dense(self) -> torch.Tensor:
         return self.module.to_dense()
 
-    def resume_meta(self) -> dict[str, Any]:
-        """What :func:`hss_shell` needs to rebuild the module before loading its saved state."""
-        _, spec = self.module.to_state()
-        return {"kind": "hss", "spec": spec}
-
 
 def fit_hss_layer(module: nn.Module, target: TargetLayer, hessian: torch.Tensor, device: torch.device,
                   percdamp: float = 0.01) -> HSSResult:
@@ -92,14 +86,3 @@ def fit_hss_layer(module: nn.Module, target: TargetLayer, hessian: torch.Tensor,
     layer = layer.to(device=module.weight.device, dtype=module.weight.dtype)
     return HSSResult(layer, target.pattern, target.settings.method, int(layer.config["outer_rank"]), initial, final,
                      time.perf_counter() - began)
-
-
-def hss_shell(state: dict[str, torch.Tensor], relative: str, spec: dict[str, Any]) -> HSSLinear:
-    """The saved HSS module at ``relative`` of a block state (block-state names, not codec names)."""
-    prefix = relative + "."
-    tensors = {}
-    for key, value in state.items():
-        if key.startswith(prefix):
-            name = key[len(prefix):]
-            tensors[name.replace("hss.dense.", "hss.leaf.", 1) if name.startswith("hss.dense.") else name] = value
-    return HSSLinear.from_state(tensors, spec)

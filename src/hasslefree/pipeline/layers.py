@@ -11,7 +11,7 @@ from torch import nn
 
 from hasslefree.decompose import Decomposition
 from hasslefree.nn import SparseLowRankLinear
-from hasslefree.architectures.layer_kinds import is_conv1d, is_linear_like
+from hasslefree.architectures.layer_kinds import is_conv1d
 from hasslefree.patterns import SparsityPattern
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
@@ -53,10 +53,3 @@ def compressed_module(module: nn.Module, result: Decomposition, pattern: Sparsit
         result.sparse.to(**cast), result.U.to(**cast), result.V.to(**cast), bias,
         pattern=module_pattern(pattern),
     )
-
-
-def empty_compressed(out_features: int, in_features: int, rank: int, bias: bool, pattern: str,
-                     dtype: torch.dtype, device: torch.device | str) -> SparseLowRankLinear:
-    """A zero-initialised shell of the right shape, for loading saved block states into."""
-    return SparseLowRankLinear(in_features, out_features, rank, bias=bias, pattern=pattern,
-                               dtype=dtype, device=device)

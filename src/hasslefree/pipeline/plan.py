@@ -19,7 +19,8 @@ from hasslefree.hss.options import HSS_METHODS, HSSOptions, is_hss_method
 from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import PRESETS, get_method
 from hasslefree.rank_policy import RankPolicy
-from hasslefree.pipeline.layers import is_linear_like, layer_shape
+from hasslefree.architectures.layer_kinds import is_linear_like
+from hasslefree.pipeline.layers import layer_shape
 from hasslefree.architectures import Architecture
 
 logger = logging.getLogger(__name__)

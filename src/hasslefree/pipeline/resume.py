@@ -25,9 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from hasslefree.checkpoint.registry import codec_for_kind, codec_for_module
 from hasslefree.nn import replace_linear
-from hasslefree.pipeline.hss_layers import hss_shell
-from hasslefree.pipeline.layers import empty_compressed
 from hasslefree.pipeline.matching import MatchRecord
 from hasslefree.atomic_files import atomic_write, write_json_atomic
 from hasslefree.pipeline.report import LayerRecord
@@ -36,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_NAME = "progress.json"
 BLOCKS_DIR = "blocks"
+
+
+CODEC_PREFIX = "codec."  # block-checkpoint keys of codec-encoded module tensors
 
 
 class ResumeMismatch(ValueError):
@@ -101,10 +103,12 @@ class ResumeStore:
 
     def save_block(self, index: int, block: nn.Module, layers: dict[str, dict[str, Any]],
                    records: list[LayerRecord], num_blocks: int, match: MatchRecord | None = None) -> None:
-        """Write block ``index`` (state + which layers are compressed modules), then the progress."""
+        """Write block ``index``, then the progress. Its compressed modules go through their
+        checkpoint codecs (the same encodings as the final checkpoint: N:M values + positions,
+        HSS factors, ...), keyed ``codec.<layer>.<tensor>``; the rest of the block as it is."""
         path = self.block_path(index)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(layers),
+        state, entries = _encode_block(block, [relative for relative, info in layers.items() if info.get("module")])
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(entries),
                                                                              "config_hash": self.hash}))
         self.completed = index + 1
         self.layers.extend(_record_dict(r) for r in records)
@@ -117,7 +121,8 @@ class ResumeStore:
         write_json_atomic(self.progress_path, progress)
 
     def load_block(self, index: int, block: nn.Module) -> None:
-        """Put block ``index``'s saved state into ``block``, swapping in compressed modules first."""
+        """Put block ``index``'s saved state into ``block``, its compressed modules rebuilt by
+        their codecs."""
         path = self.block_path(index)
         if not path.is_file():
             raise ResumeMismatch(f"{PROGRESS_NAME} says block {index} is done but {path} is missing; "
@@ -127,20 +132,52 @@ class ResumeStore:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         if meta.get("config_hash") != self.hash:
             raise ResumeMismatch(f"{path} was written by a run with a different configuration")
-        for relative, info in json.loads(meta.get("layers", "{}")).items():
-            if not info.get("module"):
-                continue
-            old = block.get_submodule(relative)
-            device = next(iter(old.state_dict().values())).device
-            if info.get("kind") == "hss":
-                replace_linear(block, relative, hss_shell(state, relative, info["spec"]).to(device))
-                continue
-            weight = state[f"{relative}.sparse_weight"]
-            shell = empty_compressed(info["out_features"], info["in_features"], info["rank"], info["bias"],
-                                     info["pattern"], weight.dtype, device)
-            replace_linear(block, relative, shell)
-        # a streamed block is still on the meta device: take the stored tensors themselves
-        block.load_state_dict(state, strict=True, assign=any(t.is_meta for t in block.state_dict().values()))
+        entries = json.loads(meta.get("layers", "{}"))
+        if any("kind" not in entry for entry in entries.values()):
+            raise ResumeMismatch(f"{path} was written by an older hasslefree; delete {self.progress_path} to start over")
+        _decode_block(block, state, entries)
+
+
+def _encode_block(block: nn.Module, compressed: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors to save, per-layer codec entries): every compressed module encoded by its codec,
+    every other tensor of the block under its own name."""
+    state: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {}
+    for relative in compressed:
+        module = block.get_submodule(relative)
+        codec = codec_for_module(module)
+        if codec is None:
+            raise TypeError(f"{relative}: no checkpoint codec for {type(module).__name__}")
+        tensors, meta = codec.encode(module)
+        state.update({f"{CODEC_PREFIX}{relative}.{name}": t for name, t in tensors.items()})
+        entries[relative] = {"kind": codec.kind, "meta": meta}
+    prefixes = tuple(f"{relative}." for relative in compressed)
+    for key, value in block.state_dict().items():
+        if not key.startswith(prefixes):
+            state[key] = value
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}, entries
+
+
+def _decode_block(block: nn.Module, state: dict[str, torch.Tensor], entries: dict[str, Any]) -> None:
+    """Rebuild the encoded modules into ``block`` and load the rest of ``state`` (a streamed
+    block, still on the meta device, takes the stored tensors themselves)."""
+    streamed = any(t.is_meta for t in block.state_dict().values())
+    for relative, entry in entries.items():
+        prefix = f"{CODEC_PREFIX}{relative}."
+        tensors = {key[len(prefix):]: state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+        old = block.get_submodule(relative)
+        device = next(iter(old.state_dict().values())).device
+        module = codec_for_kind(entry["kind"]).decode(tensors, entry["meta"])
+        replace_linear(block, relative, module if streamed else module.to(device))
+    stray = [k for k in state if k.startswith(CODEC_PREFIX)]
+    if stray:
+        raise ResumeMismatch(f"block checkpoint holds encoded tensors of no listed layer: {stray[:3]}")
+    prefixes = tuple(f"{relative}." for relative in entries)
+    missing, unexpected = block.load_state_dict(state, strict=False, assign=streamed)
+    missing = [k for k in missing if not k.startswith(prefixes)]
+    if missing or unexpected:
+        raise ResumeMismatch(f"block checkpoint does not match the block: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
 
 
 def _record_dict(record: LayerRecord) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from hasslefree.hessian import HessianAccumulator
 from hasslefree.nn import replace_linear
 from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block
 from hasslefree.pipeline.hss_layers import HSSResult, fit_hss_layer
-from hasslefree.pipeline.layers import compressed_module, layer_weight, module_pattern, write_dense
+from hasslefree.pipeline.layers import compressed_module, layer_weight, write_dense
 from hasslefree.pipeline.matching import MatchOptions, MatchRecord, match_block
 from hasslefree.pipeline.plan import Plan, TargetLayer
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
@@ -165,13 +165,7 @@ def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLaye
                 else:
                     replace_linear(block, target.relative, compressed_module(module, result, target.pattern))
             records.append(_record(target, result, device))
-            meta[target.relative] = {
-                "module": options.write_modules, "out_features": target.out_features,
-                "in_features": target.in_features, "rank": result.rank, "pattern": module_pattern(target.pattern),
-                "bias": getattr(module, "bias", None) is not None,
-            }
-            if isinstance(result, HSSResult) and options.write_modules:
-                meta[target.relative].update(result.resume_meta())
+            meta[target.relative] = {"module": options.write_modules}  # checkpointed through its codec
             layers.update(1)
         del hessian
     layers.close()
