@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hasslefree.decompose import Decomposition, decompose_group
+from hasslefree.decompose import Decomposition
 from hasslefree.hessian import HessianAccumulator
 from hasslefree.nn import replace_linear
 from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block
-from hasslefree.pipeline.hss_layers import HSSResult, fit_hss_layer
-from hasslefree.pipeline.layers import compressed_module, layer_weight, write_dense
+from hasslefree.pipeline.layer_methods import LayerMethod, method_for
+from hasslefree.pipeline.layers import write_dense
 from hasslefree.pipeline.matching import MatchOptions, MatchRecord, match_block
 from hasslefree.pipeline.plan import Plan, TargetLayer
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
@@ -155,15 +155,13 @@ def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLaye
         if hessian is None:
             with timer.stage("hessian"):
                 hessian = _hessians(block, index, (group,), hidden, inputs, device, options, stop=True)[0]
-        for target, result in _decompose(block, group, hessian, device, options, timer).items():
+        for target, result, method in _decompose(block, group, hessian, device, options, timer):
             module = block.get_submodule(target.relative)
             with timer.stage("apply"):
-                if not options.write_modules:
-                    write_dense(module, result.to_dense())
-                elif isinstance(result, HSSResult):
-                    replace_linear(block, target.relative, result.module)
+                if options.write_modules:
+                    replace_linear(block, target.relative, method.build_module(module, result, target.pattern))
                 else:
-                    replace_linear(block, target.relative, compressed_module(module, result, target.pattern))
+                    write_dense(module, result.to_dense())
             records.append(_record(target, result, device))
             meta[target.relative] = {"module": options.write_modules}  # checkpointed through its codec
             layers.update(1)
@@ -204,27 +202,22 @@ def _hessians(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...
 
 
 def _decompose(block: nn.Module, group: tuple[TargetLayer, ...], hessian: torch.Tensor, device: torch.device,
-               options: PipelineOptions, timer: StageTimer) -> dict[TargetLayer, Decomposition | HSSResult]:
-    """decompose_group per set of layers in the group that ask for the same settings; HSS layers one by one."""
+               options: PipelineOptions, timer: StageTimer) -> list[tuple[TargetLayer, Any, LayerMethod]]:
+    """(target, result, its method) for every layer of the group: one ``fit`` per set of layers
+    that ask for the same settings."""
     by_settings: dict[Any, list[TargetLayer]] = {}
     for target in group:
         by_settings.setdefault(target.settings, []).append(target)
-    results: dict[TargetLayer, Decomposition | HSSResult] = {}
+    solved: list[tuple[TargetLayer, Any, LayerMethod]] = []
     for settings, targets in by_settings.items():
-        if settings.is_hss:
-            percdamp = options.engine_options.get("percdamp", 0.01)
-            with timer.stage("decompose"):
-                for t in targets:
-                    results[t] = fit_hss_layer(block.get_submodule(t.relative), t, hessian, device, percdamp)
-            continue
-        weights = {t.name: layer_weight(block.get_submodule(t.relative)).to(device, torch.float32) for t in targets}
+        method = method_for(settings)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with timer.stage("decompose"):
-            found = decompose_group(weights, hessian, seed=options.seed, **settings.engine_options(),
-                                    **options.engine_options, clock=timer.decompose_parts)
-        results.update({t: found[t.name] for t in targets})
-    return results
+            results = method.fit(block, targets, settings, hessian, device, seed=options.seed,
+                                 engine_options=options.engine_options, clock=timer.decompose_parts)
+        solved.extend((t, results[t], method) for t in targets)
+    return solved
 
 
 @torch.no_grad()
@@ -240,7 +233,8 @@ def _propagate(block: nn.Module, index: int, hidden: list[torch.Tensor], inputs:
     return outputs
 
 
-def _record(target: TargetLayer, result: Decomposition, device: torch.device) -> LayerRecord:
+def _record(target: TargetLayer, result: Decomposition | Any, device: torch.device) -> LayerRecord:
+    """The report line of any method's result (a Decomposition or an HSSResult answer the same)."""
     base = result.initial_objective
     best = result.history[result.best_iteration - 1]
     return LayerRecord(
