@@ -47,7 +47,7 @@ import torch
 import hasslefree as hf
 from hasslefree.data import calibration_batch, eval_tokens
 from hasslefree.loading import load_model
-from hasslefree.perplexity import model_context_length
+from hasslefree.loading.context import model_context_length
 from hasslefree.zeroshot import PAPER_TASKS
 from methods_table_format import DATASETS, MATCH, MODEL_NOTES, SETTINGS, header, table, zero_shot_table
 from methods_table_rows import (add_zero_shot, base_method, missing_tasks, rank_argument, reusable, row_key,

@@ -164,7 +164,7 @@ def _compress(args: argparse.Namespace) -> int:
     import dataclasses
 
     from hasslefree.data import calibration_batch, resolve_source
-    from hasslefree.evaluate import check_seqlen
+    from hasslefree.loading.context import check_seqlen
     from hasslefree.pipeline import ResumeMismatch, check_calibration, compress, prepare
     from hasslefree.pipeline.api import check_options
 
@@ -199,7 +199,8 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hasslefree.evaluate import check_eval_inputs, check_seqlen, eval_tables
+    from hasslefree.evaluate import check_eval_inputs, eval_tables
+    from hasslefree.loading.context import check_seqlen
 
     try:
         datasets, tasks = check_eval_inputs(args.ppl, args.tasks, max_windows=args.max_windows,

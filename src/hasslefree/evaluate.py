@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hasslefree.data import eval_max_windows, eval_tokens
-from hasslefree.perplexity import model_context_length, perplexity
+from hasslefree.perplexity import perplexity
 from hasslefree.text_table import format_table
 
 logger = logging.getLogger(__name__)
@@ -100,19 +100,6 @@ def _resolvable(source: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def check_seqlen(model: nn.Module, seqlen: int | None, default: int = 2048) -> int:
-    """The window length to use: ``seqlen`` if it fits the model's context, else a clear error;
-    None gives ``default`` capped at the context."""
-    context = model_context_length(model)
-    if seqlen is None:
-        return min(default, context) if context else default
-    if seqlen < 2:
-        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
-    if context is not None and seqlen > context:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
-    return seqlen
 
 
 def perplexities(model: nn.Module, tokenizer: Any, datasets: Sequence[str], seqlen: int, *,

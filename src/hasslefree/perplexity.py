@@ -18,23 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hasslefree.loading.context import model_context_length
+
 from .data import eval_max_windows, eval_tokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["perplexity", "dataset_perplexity", "model_context_length", "eval_tokens"]
+__all__ = ["perplexity", "dataset_perplexity", "eval_tokens"]
 
-_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def model_context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model's config allows, if it says."""
-    config = getattr(model, "config", None)
-    for attr in _CONTEXT_ATTRS:
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _model_device(model: nn.Module) -> torch.device:

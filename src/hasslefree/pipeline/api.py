@@ -17,7 +17,7 @@ from hasslefree.decompose import check_numeric_options, check_solver_options, de
 from hasslefree.hss.options import HSSOptions
 from hasslefree.patterns import SparsityPattern
 from hasslefree.rank_policy import RankPolicy
-from hasslefree.perplexity import model_context_length
+from hasslefree.loading.context import check_seqlen, model_context_length
 from hasslefree.pipeline.plan import (DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, check_method,
                                       compile_skips, normalise_overrides, policy_text)
 from hasslefree.architectures import resolve_architecture
@@ -172,10 +172,7 @@ def compress(
             raise ValueError("pass calibration token ids, or a tokenizer to build them from calib")
         from hasslefree.data import calibration_batch
 
-        context = model_context_length(model)
-        if context is not None and seqlen > context:
-            raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
-        calibration = calibration_batch(tokenizer, calib, nsamples, seqlen, seed)
+        calibration = calibration_batch(tokenizer, calib, nsamples, check_seqlen(model, seqlen), seed)
     calibration = check_calibration(model, calibration)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
