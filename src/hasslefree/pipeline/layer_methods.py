@@ -43,7 +43,7 @@ class SparseLowRankMethod:
             device: torch.device, *, seed: int, engine_options: Mapping[str, Any],
             clock: Clock | None) -> dict[TargetLayer, Decomposition]:
         weights = {t.name: layer_weight(block.get_submodule(t.relative)).to(device, torch.float32) for t in targets}
-        found = decompose_group(weights, hessian, seed=seed, **settings.engine_options(), **engine_options,
+        found = decompose_group(weights, hessian, seed=seed, **settings.layer_arguments(), **engine_options,
                                 clock=clock)
         return {t: found[t.name] for t in targets}
 

@@ -57,7 +57,9 @@ class LayerSettings:
     def is_hss(self) -> bool:
         return is_hss_method(self.method)
 
-    def engine_options(self) -> dict[str, Any]:
+    def layer_arguments(self) -> dict[str, Any]:
+        """This layer's own :func:`hasslefree.decompose_group` arguments (the run-wide engine
+        options come on top)."""
         return {"pattern": self.pattern, "rank": self.rank_policy(), "method": self.method,
                 "iterations": self.iterations}
 
