@@ -143,6 +143,23 @@ def block_linear_bytes(model) -> int:
                for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
 
 
+def read_bandwidth_gbs(threads: int) -> float:
+    """Memory read bandwidth in GB/s: the best of five sums over a 1 GiB float32 tensor (far
+    larger than any cache), on ``threads`` threads: the roofline for memory-bound decode."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = torch.ones(2**28, dtype=torch.float32)
+    data.sum()
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - began)
+    return data.numel() * 4 / best / 1e9
+
+
 def child(args: argparse.Namespace) -> None:
     import gc
     import inspect
@@ -169,6 +186,8 @@ def child(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - began
     packed = sum(isinstance(m, PackedSparseLowRankLinear) for m in model.modules())
     linear_mb = block_linear_bytes(model) / 2**20
+    head = model.get_output_embeddings()
+    head_mb = head.weight.numel() * head.weight.element_size() / 2**20 if head is not None else 0.0
     kernels = decode_kernels() if args.variant.startswith("packed") else None  # numba only where it is used
     if args.variant == "packed-numba" and kernels is None:
         raise SystemExit("packed-numba: the numba kernels are not available (pip install numba)")
@@ -202,7 +221,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "variant": args.variant, "load_s": load_s, "rss_base_mb": base, "rss_loaded_mb": loaded,
         "resident_mb": loaded - base, "rss_after_run_mb": rss_mb() - base, "packed_layers": packed,
-        "linear_mb": linear_mb,
+        "linear_mb": linear_mb, "decode_read_mb": linear_mb + head_mb,
         "prefill_s": prefill_s, "prefill_tok_s": args.prompt_tokens / prefill_s,
         "decode_s": decode_s, "decode_tok_s": args.new_tokens / decode_s, "tokens": generated,
         "torch_threads": torch.get_num_threads(), "kernels": kernels is not None,
@@ -254,15 +273,17 @@ def table(rows: list[dict], dtype: str) -> str:
     def ratio(r: dict, key: str) -> str:
         return f"{r[key] / dense[key]:.2f}×" if dense and dense[key] else "–"
 
-    lines = ["| variant | decode tok/s | × dense | prefill tok/s | × dense | linear layers MB | × dense "
-             "| resident MB | × dense | RSS after run MB | greedy tokens = dense storage |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | decode tok/s | × dense | decode GB/s read | prefill tok/s | × dense | linear layers MB | "
+             "× dense | resident MB | × dense | RSS after run MB | greedy tokens = dense storage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     slr = next((r for r in rows if r["variant"] == "slr"), None)
     for r in rows:
         label = f"dense {dtype}" if r["variant"] == "dense" else VARIANTS[r["variant"]]
         same = "–" if slr is None or r["variant"] in ("dense", "slr") else ("yes" if r["tokens"] == slr["tokens"]
                                                                          else "no")
-        lines.append(f"| {label} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} | {r['prefill_tok_s']:.1f} | "
+        reads = r["decode_read_mb"] * 2**20 * r["decode_tok_s"] / 1e9  # weight bytes per token x tokens/s
+        lines.append(f"| {label} | {r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s')} | {reads:.1f} | "
+                     f"{r['prefill_tok_s']:.1f} | "
                      f"{ratio(r, 'prefill_tok_s')} | {r['linear_mb']:,.0f} | {ratio(r, 'linear_mb')} | "
                      f"{r['resident_mb']:,.0f} | {ratio(r, 'resident_mb')} | "
                      f"{r['rss_after_run_mb']:,.0f} | {same} |")
@@ -318,8 +339,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         source = f"checkpoint {args.compressed} (dense: {args.model})"
     threads = rows[0]["torch_threads"]
+    bandwidth = read_bandwidth_gbs(args.threads)
     print(f"\n{source}\n{args.dtype}, batch 1, prefill {args.prompt_tokens} tokens, decode {args.new_tokens} "
-          f"greedy tokens with KV cache, {threads} thread(s)\n")
+          f"greedy tokens with KV cache, {threads} thread(s); memory read bandwidth {bandwidth:.1f} GB/s "
+          f"(decode GB/s read = weight bytes per token x tokens/s: the share of it each variant reaches)\n")
     print(table(rows, args.dtype))
     if not args.no_record:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -341,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
             "source": "synthetic" if args.synthetic else str(args.compressed), "random_weights": args.synthetic,
             "dense_model": args.model, "shape": shape, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "bench_threads": threads, "numba": numba_version,
+            "read_bandwidth_gbs": bandwidth,
             "rows": rows})
         print(f"\nappended to {path}")
 
