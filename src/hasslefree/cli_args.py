@@ -76,7 +76,8 @@ def recipe_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
         pattern=args.pattern, rank=rank_from_args(args), method=args.method, iterations=args.iterations,
         overrides=parse_overrides(args.override), skip=(*DEFAULT_SKIP, *args.skip), seed=args.seed,
         hss=hss_from_args(args), match=MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target),
-        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen or 2048, batch_size=args.batch_size,
+        calib=args.calib, nsamples=args.nsamples, seqlen=2048 if args.seqlen is None else args.seqlen,
+        batch_size=args.batch_size,
         true_sequential=not args.no_true_sequential, dense=args.no_modules,
         activation_dtype=args.activation_dtype or args.dtype, **engine))
 

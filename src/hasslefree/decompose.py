@@ -18,7 +18,7 @@ from hasslefree.objective import layer_objective, residual_objective
 from hasslefree.patterns import SparsityPattern
 from hasslefree.presets import get_method
 from hasslefree.rank_policy import RankPolicy, parameter_count
-from hasslefree.solver_calls import option_names
+from hasslefree.solver_calls import option_values, typed_options
 from hasslefree.stage_clock import add_seconds
 from hasslefree.sparse import SPARSE_SOLVERS
 
@@ -191,8 +191,11 @@ def _run(weights: dict[str, torch.Tensor], prepared: PreparedHessian, settings: 
             tolerance=spec.tolerance if settings["tolerance"] is None else settings["tolerance"],
             patience=settings["patience"],
             generators=[torch.Generator().manual_seed(settings["seed"]) for _ in members],
-            prune_options={**spec.sparse_options, **(settings["sparse_options"] or {})},
-            lowrank_options={**spec.lowrank_options, **(settings["lowrank_options"] or {})},
+            prune_options=option_values(typed_options(SPARSE_SOLVERS[sparse_name],
+                                                      {**spec.sparse_options, **(settings["sparse_options"] or {})})),
+            lowrank_options=(option_values(typed_options(LOWRANK_SOLVERS[lowrank_name],
+                                                         {**spec.lowrank_options, **(settings["lowrank_options"] or {})}))
+                             if lowrank_name else {}),
             stack=len(members) > 1,
             clock=settings["clock"],
             **loop_options,
@@ -281,12 +284,8 @@ def check_solver_options(method: str, sparse_solver: str | None = None, lowrank_
 
 
 def _check_options_of(kind: str, solver, options: dict | None) -> None:
-    """Every key of ``options`` must be an option the solver declares, before any work."""
-    declared = option_names(solver)
-    unknown = sorted(set(options or {}) - declared)
-    if unknown:
-        raise ValueError(f"unknown {kind} solver option(s) {', '.join(map(repr, unknown))} for "
-                         f"{solver.__name__}; it takes {', '.join(sorted(declared)) or 'none'}")
+    """``options`` must be options the solver declares, of the declared types, before any work."""
+    typed_options(solver, options, f"{kind} solver")
 
 
 def _validate(weight, hessian, pattern, rank, method, iterations, sparse_solver, lowrank_solver,

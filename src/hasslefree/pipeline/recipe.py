@@ -134,6 +134,8 @@ class Recipe:
             value = getattr(self, name)
             if not _is_int(value) or (name != "seed" and value < 1):
                 raise ValueError(f"recipe {name} must be an integer{' >= 1' if name != 'seed' else ''}, got {value!r}")
+        if self.seqlen < 2:
+            raise ValueError(f"recipe seqlen must be >= 2 (a window predicts its tokens from earlier ones), got {self.seqlen}")
         for name in ("true_sequential", "dense"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"recipe {name} must be true or false, got {getattr(self, name)!r}")
