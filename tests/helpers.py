@@ -171,3 +171,25 @@ def reference(m: SparseLowRankLinear, x: Tensor) -> tuple[Tensor, Tensor]:
     y = xd @ (w + U @ V.T).T + b
     mag = xd.abs() @ w.abs().T + (xd.abs() @ V.abs()) @ U.abs().T + b.abs()
     return y, mag
+
+
+class Interrupt(Exception):
+    """Stands for a run killed after some block."""
+
+
+def compress_interrupted(directory, *, after_block: int, blocks: int = 3, **options):
+    """Start ``compress`` on a fresh tiny Llama of ``blocks`` blocks in ``directory`` and stop it
+    once block ``after_block`` is checkpointed, as a killed run would be."""
+    from hasslefree.pipeline import compress
+
+    def stop(index, _records):
+        if index == after_block:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        compress(tiny_llama(num_hidden_layers=blocks), out_dir=directory, on_block_end=stop, **options)
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -13,17 +13,13 @@ from hasslefree.hss import HSSLinear, HSSOptions, RankRule, outer_rank_for_budge
 from hasslefree.nn import SparseLowRankLinear
 from hasslefree.pipeline import ResumeMismatch, compress, prepare
 from hasslefree.checkpoint import load_compressed
-from helpers import stories_text, tiny_llama, tiny_model, token_batch
+from helpers import assert_same_state, compress_interrupted, stories_text, tiny_llama, tiny_model, token_batch
 
 torch.set_num_threads(1)
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 REST = ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 SMALL = {"sparsity": 0.3, "outer_rank": 8, "leaf": 16, "min_rank": 2}
-
-
-class _Interrupt(Exception):
-    pass
 
 
 @pytest.mark.parametrize("method", ["shss", "shss-rcm", "shss-rcm-whitened"])
@@ -143,20 +139,12 @@ def test_resume_and_reload_bit_for_bit(tmp_path):
     options = dict(calibration=ids, method="shss-rcm-whitened", hss=SMALL, progress=False)
     straight = tiny_llama(num_hidden_layers=3)
     compress(straight, out_dir=tmp_path / "straight", **options)
-
-    def stop_after_first(index, records):
-        if index == 0:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        compress(tiny_llama(num_hidden_layers=3), out_dir=tmp_path / "resumed", on_block_end=stop_after_first,
-                 **options)
+    compress_interrupted(tmp_path / "resumed", after_block=0, **options)
     resumed = tiny_llama(num_hidden_layers=3)
     report = compress(resumed, out_dir=tmp_path / "resumed", **options)
     assert report.resumed_blocks == 1 and len(report.layers) == 9
     assert isinstance(resumed.model.layers[0].self_attn.q_proj, HSSLinear)
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(straight, resumed)
     loaded = load_compressed(tmp_path / "resumed")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, straight(ids).logits)

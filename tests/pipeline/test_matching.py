@@ -12,7 +12,7 @@ from hasslefree.patterns import SparsityPattern
 from hasslefree.pipeline import MatchOptions, compress, resolve_architecture
 from hasslefree.pipeline.capture import capture_block_inputs, run_block
 from hasslefree.pipeline.matching import match_block
-from helpers import tiny_llama, token_batch
+from helpers import compress_interrupted, tiny_llama, token_batch
 
 torch.set_num_threads(1)
 
@@ -120,17 +120,7 @@ def test_matched_run_resumes_bit_for_bit(tmp_path):
     options = dict(calibration=ids, match={"epochs": 2, "lr": 1e-3, "target": "model", "accumulate": 2}, **COMMON)
     straight = tiny_llama(num_hidden_layers=3)
     compress(straight, out_dir=tmp_path / "straight", **options)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_second(index, _records):
-        if index == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        compress(tiny_llama(num_hidden_layers=3), out_dir=tmp_path / "resumed", on_block_end=stop_after_second,
-                 **options)
+    compress_interrupted(tmp_path / "resumed", after_block=1, **options)
     resumed = tiny_llama(num_hidden_layers=3)
     report = compress(resumed, out_dir=tmp_path / "resumed", **options)
     assert report.resumed_blocks == 2 and [m["block"] for m in report.matching] == [0, 1, 2]

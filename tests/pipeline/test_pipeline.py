@@ -15,7 +15,7 @@ from hasslefree.pipeline import ResumeMismatch, compress, resolve_architecture
 from hasslefree.pipeline.capture import capture_block_inputs, run_block
 from hasslefree.rank_policy import RankPolicy
 from hasslefree import checkpoint
-from helpers import stories_text, tiny_llama, tiny_model, token_batch
+from helpers import assert_same_state, compress_interrupted, stories_text, tiny_llama, tiny_model, token_batch
 
 torch.set_num_threads(1)
 
@@ -174,31 +174,19 @@ def test_all_layers_are_validated_before_any_work():
         compress(tiny_llama(), calibration=token_batch(2, 32), rank=8, percdmap=0.1, progress=False)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     ids = token_batch(3, 32)
     options = dict(calibration=ids, rank=4, method="hassle-free", iterations=2, progress=False,
                    lowrank_options={"steps": 3})
     straight = tiny_llama(num_hidden_layers=3)
     compress(straight, out_dir=tmp_path / "straight", **options)
-
-    def stop_after_first(index, records):
-        if index == 0:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        compress(tiny_llama(num_hidden_layers=3), out_dir=tmp_path / "resumed", on_block_end=stop_after_first,
-                 **options)
+    compress_interrupted(tmp_path / "resumed", after_block=0, **options)
     progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
     assert progress["completed_blocks"] == 1
     resumed = tiny_llama(num_hidden_layers=3)
     report = compress(resumed, out_dir=tmp_path / "resumed", **options)
     assert report.resumed_blocks == 1 and len(report.layers) == 21
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(straight, resumed)
     with pytest.raises(ResumeMismatch, match="changed: iterations"):
         compress(tiny_llama(num_hidden_layers=3), out_dir=tmp_path / "resumed", **{**options, "iterations": 3})
 
