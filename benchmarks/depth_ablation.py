@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     dtype = getattr(torch, args.dtype)
     dense, tok = load_model(args.model, dtype=dtype)
-    compressed = load_compressed(args.compressed).to(dtype)
+    compressed = load_compressed(args.compressed, packed=False).to(dtype)
     architecture = resolve_architecture(dense)
     dense_blocks, compressed_blocks = architecture.block_list(dense), architecture.block_list(compressed)
     if len(dense_blocks) != len(compressed_blocks) or max(args.ks) > len(dense_blocks) or min(args.ks) < 0:

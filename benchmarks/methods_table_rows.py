@@ -104,7 +104,7 @@ def run_row(row: dict[str, Any], calibration: torch.Tensor, tokens: dict[str, to
         result.update(parameters=result["dense_parameters"], ranks=None, compress_s=0.0)
     elif reuse is not None:
         report = json.loads((reuse / "report.json").read_text())
-        model = load_compressed(reuse)
+        model = load_compressed(reuse, packed=False)
         ranks = [layer["rank"] for layer in report["layers"]]
         result.update(parameters=report["parameters"], ranks=[min(ranks), max(ranks)],
                       compress_s=report["timings"]["total"], reused=str(reuse))
@@ -156,7 +156,7 @@ def add_zero_shot(result: dict[str, Any], row: dict[str, Any], tasks: list[str],
         if reuse is None:
             logger.info("    no model for the 0-shot columns %s (pass its run with --reuse)", ", ".join(tasks))
             return
-        model, tok = load_compressed(reuse).to(getattr(torch, args.eval_dtype)), load_model(args.model)[1]
+        model, tok = load_compressed(reuse, packed=False).to(getattr(torch, args.eval_dtype)), load_model(args.model)[1]
     found = zero_shot_columns(model, tok, tasks, args)
     zs = result.get("zeroshot") or {}
     if zs.get("limit") != args.limit or zs.get("eval_dtype") != args.eval_dtype:

@@ -39,7 +39,7 @@ def test_streamed_run_equals_in_memory_run(tmp_path, tied):
     report = compress(streamed, calibration=ids, out_dir=tmp_path / "streamed", block_weights=weights, **OPTIONS)
     assert len(report.layers) == 21 and "load" in report.timings
     assert all(p.is_meta for p in streamed.model.layers.parameters())  # written block by block, never whole
-    loaded = load_compressed(tmp_path / "streamed")
+    loaded = load_compressed(tmp_path / "streamed", packed=False)
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_streamed_run_resumes(tmp_path):
     model, weights = open_streaming(folder)
     report = compress(model, calibration=ids, out_dir=tmp_path / "run", block_weights=weights, **OPTIONS)
     assert report.resumed_blocks == 2
-    a, b = reference.state_dict(), load_compressed(tmp_path / "run").state_dict()
+    a, b = reference.state_dict(), load_compressed(tmp_path / "run", packed=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     model, weights = open_streaming(folder)
     with pytest.raises(ResumeMismatch):
@@ -98,7 +98,7 @@ def test_streaming_finds_the_blocks_of_other_layouts(tmp_path, family):
     ids = token_batch(2, 16)
     compress(model, calibration=ids, out_dir=tmp_path / "memory", **OPTIONS)
     compress(streamed, calibration=ids, out_dir=tmp_path / "streamed", block_weights=weights, **OPTIONS)
-    a, b = load_compressed(tmp_path / "memory").state_dict(), load_compressed(tmp_path / "streamed").state_dict()
+    a, b = load_compressed(tmp_path / "memory", packed=False).state_dict(), load_compressed(tmp_path / "streamed", packed=False).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

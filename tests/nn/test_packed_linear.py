@@ -262,8 +262,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
 
 def test_load_compressed_packed(saved: tuple[Path, nn.Module]) -> None:
     path, model = saved
-    plain = load_compressed(path)
+    plain = load_compressed(path, packed=False)
     packed = load_compressed(path, packed=True)
+    assert _count(load_compressed(path), PackedSparseLowRankLinear) == _count(packed, PackedSparseLowRankLinear)
     assert _count(packed, SparseLowRankLinear) == 0
     assert _count(packed, PackedSparseLowRankLinear) == _count(plain, SparseLowRankLinear) > 0
     for name, mod in packed.named_modules():

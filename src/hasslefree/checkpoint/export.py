@@ -43,7 +43,7 @@ def _resolve(directory_or_model: Source) -> tuple[nn.Module, Path | None]:
     if isinstance(directory_or_model, nn.Module):
         return directory_or_model, None
     directory = Path(directory_or_model)
-    return load_compressed(directory), directory
+    return load_compressed(directory, packed=False), directory
 
 
 def _plain_linear(weight: Tensor, bias: Tensor | None, conv1d: bool = False) -> nn.Module:

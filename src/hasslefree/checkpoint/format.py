@@ -104,13 +104,15 @@ def _check_entry(
 
 
 def load_compressed(
-    directory: str | os.PathLike[str], device: str | torch.device = "cpu", packed: bool = False
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu", packed: bool = True
 ) -> PreTrainedModel:
     """Rebuild the saved model: HF skeleton from the JSON, compressed modules swapped in, tensors loaded.
 
-    With ``packed=True`` every SparseLowRankLinear layer is built as a
-    :class:`~hasslefree.nn.PackedSparseLowRankLinear` straight from its stored encoding (W_S
-    stays packed in memory; outputs match the dense-storage form up to float rounding).
+    By default every sparse + low-rank layer is a :class:`~hasslefree.nn.PackedSparseLowRankLinear`
+    built straight from its stored encoding: W_S stays packed in memory, less than the dense
+    model, with the compiled CPU decode kernels (outputs match the dense-storage form up to
+    float rounding). ``packed=False`` gives :class:`~hasslefree.nn.SparseLowRankLinear` (W_S in
+    dense storage) for training, exports and the fastest long-sequence evaluation.
     """
     directory = Path(directory)
     config = read_checkpoint_config(directory)
