@@ -61,9 +61,9 @@ def unpack_kernels_for(layer: Any) -> ModuleType | None:
     either way, so this only changes the speed."""
     if layer.kind == "dense" or layer.values.device.type != "cpu":
         return None
-    if layer.values.dtype not in (torch.float32, torch.bfloat16):
+    if layer.values.dtype not in (torch.float32, torch.bfloat16) or decode_kernels() is None:
         return None
-    return decode_kernels()
+    return importlib.import_module("hasslefree.nn.packed_unpack")
 
 
 def row_offsets(layer: Any) -> Tensor:
