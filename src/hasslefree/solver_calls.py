@@ -30,13 +30,6 @@ def _keywords(solver: Callable[..., Any]) -> tuple[frozenset[str], bool]:
     return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def option_names(solver: Callable[..., Any]) -> frozenset[str]:
-    """The options a user may set for ``solver``: its keyword-only parameters that the loop
-    does not supply itself."""
-    params = inspect.signature(solver).parameters.values()
-    return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY) - LOOP_KEYWORDS
-
-
 def loop_keywords(solver: Callable[..., Any], **supplied: Any) -> dict[str, Any]:
     """The part of the loop's ``supplied`` keywords that ``solver`` declares."""
     unknown = set(supplied) - LOOP_KEYWORDS
