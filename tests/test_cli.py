@@ -153,3 +153,14 @@ def test_compress_streamed_from_a_saved_folder_equals_in_memory(tmp_path, capsys
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     line = _error(capsys, ["compress", "stories260K", "--stream", "--out", str(tmp_path / "c"), *argv])
     assert "config.json" in line
+
+
+def test_distributed_outside_torchrun_and_with_matching_are_refused_before_loading(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    text = tmp_path / "calib.txt"
+    text.write_text("Once upon a time there was a cat. " * 50)
+    base = ["compress", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"), "--calib", str(text), "-q"]
+    assert "launch with: torchrun" in _error(capsys, [*base, "--distributed"])
+    assert "does not run across several processes" in _error(capsys, [*base, "--distributed", "--match-epochs", "1"])
+    assert not (tmp_path / "o").exists()

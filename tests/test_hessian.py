@@ -4,7 +4,7 @@ import torch
 from hasslefree.hessian import HessianAccumulator, prepare_hessian
 
 
-def test_running_mean_matches_xtx_over_any_leading_shape():
+def test_mean_matches_xtx_over_any_leading_shape():
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(2, 5, 7, generator=gen, dtype=torch.float64),
                torch.randn(3, 7, generator=gen, dtype=torch.float64),
@@ -15,6 +15,30 @@ def test_running_mean_matches_xtx_over_any_leading_shape():
     x = torch.cat([b.reshape(-1, 7) for b in batches])
     torch.testing.assert_close(acc.hessian, x.T @ x / x.shape[0])
     assert acc.tokens == 17
+
+
+def test_split_sums_give_the_same_float32_hessian_in_any_order():
+    """What the processes of a distributed run rely on: sums of shards, merged, equal one pass."""
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(3, 37, 53, generator=gen) * (1 + i) for i in range(11)]
+    whole = HessianAccumulator(53)
+    for b in batches:
+        whole.add(b)
+    left, right = HessianAccumulator(53), HessianAccumulator(53)
+    for b in batches[:4]:
+        left.add(b)
+    for b in reversed(batches[4:]):
+        right.add(b)
+    left.merge_from(left.total + right.total, left.tokens + right.tokens)
+    assert left.tokens == whole.tokens == 11 * 3 * 37
+    assert whole.hessian.dtype == torch.float32
+    assert torch.equal(left.hessian, whole.hessian)
+    x = torch.cat([b.reshape(-1, 53) for b in batches]).double()
+    torch.testing.assert_close(whole.hessian.double(), x.T @ x / x.shape[0], rtol=1e-6, atol=1e-5)
+
+
+def test_hessian_before_any_token_is_zero():
+    assert torch.equal(HessianAccumulator(4).hessian, torch.zeros(4, 4))
 
 
 def test_width_mismatch_raises():

@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "loading the whole model (local Hugging Face folders; memory stays one block deep)")
     c.add_argument("--no-true-sequential", action="store_true",
                    help="take all Hessians of a block from its input before compressing any of its layers")
+    c.add_argument("--distributed", action="store_true",
+                   help="run as one rank of a torchrun job (automatic when torchrun starts several): the "
+                        "calibration is shared out, the layers solved across ranks, rank 0 writes --out")
+    c.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long a rank waits for the others at a collective before the job fails")
     c.set_defaults(handler=_compress)
 
     e = sub.add_parser("eval", parents=[quiet], help="perplexity of a model or compressed directory")
@@ -163,10 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _compress(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import torch
+
     from hasslefree.data import calibration_batch, resolve_source
     from hasslefree.loading.context import check_seqlen
     from hasslefree.pipeline import ResumeMismatch, check_calibration, compress, prepare
     from hasslefree.pipeline.api import check_options
+    from hasslefree.pipeline.distributed import Ranks, end_process_group, launched_by_torchrun, start_process_group
 
     defaults = vars(build_parser().parse_args(["compress", args.model, "--out", args.out]))
     try:
@@ -177,6 +185,10 @@ def _compress(args: argparse.Namespace) -> int:
                       hss=recipe.hss)
         device = device_from_arg(args.device)
         resolve_source(recipe.calib, split="calib")
+        if args.distributed or launched_by_torchrun():
+            if recipe.match.enabled:
+                raise ValueError("block-output matching (--match-epochs) does not run across several processes yet")
+            device = start_process_group(torch.device(device), args.dist_timeout)
         model, tokenizer, block_weights = _load_for_compress(args)
         prepare(model, pattern=recipe.pattern, rank=recipe.rank_policy(), method=recipe.method,
                 iterations=recipe.iterations, overrides=recipe.overrides, skip=recipe.skip, engine_options=engine,
@@ -188,13 +200,19 @@ def _compress(args: argparse.Namespace) -> int:
                                                                  recipe.seqlen, recipe.seed))
     except (ValueError, OSError) as exc:
         raise UsageError(one_line(exc)) from None
+    writer = Ranks.current().writes
+    if not writer:  # one voice: the other ranks log only warnings and errors
+        logging.getLogger("hasslefree").setLevel(logging.WARNING)
     try:
-        with _logging_beside_bars(not args.quiet):
+        with _logging_beside_bars(not args.quiet and writer):
             report = compress(model, tokenizer, recipe, calibration=calibration, device=device, out_dir=args.out,
                               progress=not args.quiet, model_name=args.model, block_weights=block_weights)
     except ResumeMismatch as exc:
         raise UsageError(one_line(exc)) from None
-    sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")
+    finally:
+        end_process_group()
+    if writer:
+        sys.stdout.write(f"{report.summary()}\nwrote {args.out}\n")
     return 0
 
 

@@ -15,16 +15,22 @@ logger = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
-    """Running mean of xᵀx over calibration tokens, from activations of any leading shape.
+    """Mean of xᵀx over calibration tokens, from activations of any leading shape.
 
-    A running mean (rather than a sum) keeps the scale independent of the calibration
-    size, so damping and learning rates need no retuning when nsamples changes.
+    A mean (rather than a sum) keeps the scale independent of the calibration size, so
+    damping and learning rates need no retuning when nsamples changes. Each batch's xᵀx is
+    taken in ``dtype`` and added into a float64 sum (where the device has float64): the sum
+    then barely depends on the order of the batches, so the calibration can be split across
+    processes (:meth:`merge_from`) and give the same ``hessian`` as one process.
     """
 
     def __init__(self, in_features: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = in_features
-        self.hessian = torch.zeros(in_features, in_features, device=device, dtype=dtype)
+        self.dtype = dtype
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        wide = torch.float64 if device.type in ("cpu", "cuda") else dtype
+        self.total = torch.zeros(in_features, in_features, device=device, dtype=wide)
         self.tokens = 0
 
     @torch.no_grad()
@@ -35,14 +41,22 @@ class HessianAccumulator:
                 f"activation width {activations.shape[-1]} does not match the layer's "
                 f"{self.in_features} inputs"
             )
-        x = activations.reshape(-1, self.in_features).to(self.hessian.device, self.hessian.dtype)
-        count = x.shape[0]
-        if count == 0:
+        x = activations.reshape(-1, self.in_features).to(self.total.device, self.dtype)
+        if x.shape[0] == 0:
             return
-        total = self.tokens + count
-        self.hessian.mul_(self.tokens / total)
-        self.hessian.addmm_(x.T, x, alpha=1.0 / total)
-        self.tokens = total
+        self.total.add_(x.T @ x)
+        self.tokens += x.shape[0]
+
+    def merge_from(self, total: torch.Tensor, tokens: int) -> None:
+        """Replace the sum by one over all processes' tokens (see :mod:`hasslefree.pipeline.distributed`)."""
+        self.total, self.tokens = total, tokens
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The mean xᵀx so far, in ``dtype`` (zeros before any token)."""
+        if self.tokens == 0:
+            return torch.zeros_like(self.total, dtype=self.dtype)
+        return (self.total / self.tokens).to(self.dtype)
 
 
 @dataclass

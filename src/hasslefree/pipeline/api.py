@@ -21,6 +21,7 @@ from hasslefree.loading.context import check_seqlen, model_context_length
 from hasslefree.pipeline.plan import (DEFAULT_SKIP, LayerSettings, Plan, as_rank_policy, build_plan, check_method,
                                       compile_skips, normalise_overrides, policy_text)
 from hasslefree.architectures import resolve_architecture
+from hasslefree.pipeline.distributed import Ranks
 from hasslefree.pipeline.recipe import Recipe
 from hasslefree.pipeline.report import PLOT_NAME, CompressionReport, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore, tensor_digest
@@ -139,7 +140,10 @@ def compress(
     W_S + U Vᵀ into the original layers instead of swapping in SparseLowRankLinear. With ``out_dir``, every finished
     block is checkpointed and re-running the same call resumes; the report, its plot and
     the compressed model are written there. ``engine_options`` go to ``decompose_group``.
-    ``block_weights`` (from :func:`hasslefree.loading.open_streaming`, which leaves the blocks
+    Under ``torchrun`` (an initialised default process group), every rank calls ``compress``
+    with the same arguments: the calibration batches are shared out, Hessians summed and the
+    layers solved across ranks (:mod:`hasslefree.pipeline.distributed`); rank 0 alone writes
+    ``out_dir``, which every host must see. ``block_weights`` (from :func:`hasslefree.loading.open_streaming`, which leaves the blocks
     on the meta device) streams the blocks in one at a time; it needs ``out_dir``, the final
     model is written there block by block too, and ``model``'s blocks stay on the meta device
     (load the result with :func:`hasslefree.checkpoint.load_compressed`).
@@ -184,10 +188,14 @@ def compress(
         config["hss"] = HSSOptions.from_value(hss).to_dict()
         if all(t.settings.is_hss for t in plan.layers):
             config["pattern"], config["rank"] = "hss", "hss"
+    ranks = Ranks.current()
+    if ranks.several and match.enabled:
+        raise ValueError("block-output matching does not run across several processes yet; run it in one process")
     options = PipelineOptions(batch_size=batch_size, true_sequential=true_sequential, write_modules=not dense,
                               activation_dtype=activation_dtype, hessian_dtype=hessian_dtype, seed=seed,
-                              engine_options=dict(engine_options), progress=progress, match=match)
-    store = ResumeStore(out_dir, config) if out_dir is not None else None
+                              engine_options=dict(engine_options), progress=progress and ranks.writes, match=match,
+                              ranks=ranks)
+    store = ResumeStore(out_dir, config, read_only=not ranks.writes) if out_dir is not None else None
     timer = StageTimer()
     was_training = model.training
     model.eval()
@@ -206,7 +214,7 @@ def compress(
                                cuda_peak_mb=cuda_peak_mb(device), matching=[asdict(m) for m in matches],
                                recipe=recipe.to_dict())
     logger.info("%s", report.summary())
-    if out_dir is not None:
+    if out_dir is not None and ranks.writes:
         streamed = None if block_weights is None or dense else _StreamedBlocks(plan.architecture.blocks, store,
                                                                                 block_weights)
         _write_outputs(model, tokenizer, Path(out_dir), report, dense, streamed)

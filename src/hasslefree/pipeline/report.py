@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
 PLOT_NAME = "report.png"
-STAGES = ("capture", "resume", "hessian", "decompose", "apply", "match", "propagate", "checkpoint")
+STAGES = ("capture", "resume", "hessian", "decompose", "communicate", "apply", "match", "propagate", "checkpoint")
 
 
 @dataclass

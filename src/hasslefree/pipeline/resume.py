@@ -59,8 +59,9 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 class ResumeStore:
     """Reads and writes one run's progress in ``directory``."""
 
-    def __init__(self, directory: str | os.PathLike[str], config: dict[str, Any]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], config: dict[str, Any], *, read_only: bool = False) -> None:
         self.directory = Path(directory)
+        self.read_only = read_only  # the ranks of a distributed run but rank 0: they only read
         self.config = json.loads(json.dumps(config, sort_keys=True, default=str))
         self.hash = config_hash(self.config)
         self.progress_path = self.directory / PROGRESS_NAME
@@ -70,8 +71,9 @@ class ResumeStore:
 
     def start(self, num_blocks: int) -> int:
         """Blocks already finished by an earlier run of the same configuration (0 for a new run)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / BLOCKS_DIR).mkdir(exist_ok=True)
+        if not self.read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / BLOCKS_DIR).mkdir(exist_ok=True)
         if not self.progress_path.is_file():
             return 0
         try:
@@ -106,14 +108,17 @@ class ResumeStore:
         """Write block ``index``, then the progress. Its compressed modules go through their
         checkpoint codecs (the same encodings as the final checkpoint: N:M values + positions,
         HSS factors, ...), keyed ``codec.<layer>.<tensor>``; the rest of the block as it is."""
-        path = self.block_path(index)
-        state, entries = _encode_block(block, [relative for relative, info in layers.items() if info.get("module")])
-        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(entries),
-                                                                             "config_hash": self.hash}))
+        if not self.read_only:
+            path = self.block_path(index)
+            state, entries = _encode_block(block, [rel for rel, info in layers.items() if info.get("module")])
+            atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(entries),
+                                                                                 "config_hash": self.hash}))
         self.completed = index + 1
         self.layers.extend(_record_dict(r) for r in records)
         if match is not None:
             self.matching.append(asdict(match))
+        if self.read_only:
+            return
         progress = {"config_hash": self.hash, "config": self.config, "num_blocks": num_blocks,
                     "completed_blocks": self.completed, "layers": self.layers}
         if self.matching:

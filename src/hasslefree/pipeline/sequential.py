@@ -23,7 +23,8 @@ from torch import nn
 from hasslefree.decompose import Decomposition
 from hasslefree.hessian import HessianAccumulator
 from hasslefree.nn import replace_linear
-from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block
+from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block, split_batches
+from hasslefree.pipeline.distributed import RankFailure, Ranks
 from hasslefree.pipeline.layer_methods import LayerMethod, method_for
 from hasslefree.pipeline.layers import write_dense
 from hasslefree.pipeline.matching import MatchOptions, MatchRecord, match_block
@@ -53,6 +54,7 @@ class PipelineOptions:
     engine_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     match: MatchOptions = field(default_factory=MatchOptions)
+    ranks: Ranks = field(default_factory=Ranks)  # several: see hasslefree.pipeline.distributed
 
 
 def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, device: torch.device,
@@ -69,7 +71,10 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
     blocks = plan.architecture.block_list(model)
     if weights is not None and store is None:
         raise ValueError("streaming the blocks needs an output directory to checkpoint them in")
-    resumed = store.start(len(blocks)) if store is not None else 0
+    ranks = options.ranks
+    if ranks.several:  # this rank's share of the windows, cut at batch boundaries
+        calibration = torch.cat(ranks.shard(split_batches(calibration, options.batch_size)))
+    resumed = ranks.agree(store.start(len(blocks)) if store is not None else 0, "the finished blocks")
     records = store.records() if store is not None else []
     matches = store.matches() if store is not None else []
     if resumed == len(blocks):
@@ -99,44 +104,63 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
                     weights.release(blocks[index])
         bar = _bar(range(resumed, len(blocks)), options, desc="blocks", total=len(blocks), initial=resumed)
         for index in bar:
-            block = blocks[index]
-            if weights is not None:
-                with timer.stage("load"):
-                    weights.load(index, block)
-            home = next(block.parameters()).device
-            block.to(device)
-            targets = None
-            if options.match.enabled and plan.blocks[index]:
-                with timer.stage("match"):
-                    targets = _propagate(block, index, dense_hidden if chain else hidden, inputs, device, options)
-                if chain:
-                    dense_hidden = targets
-            block_records, layer_meta = _compress_block(block, index, plan.blocks[index], hidden, inputs,
-                                                        device, options, timer)
-            match = None
-            if targets is not None:  # matching's last pass over the data is the propagation
-                with timer.stage("match"):
-                    match, hidden = match_block(block, index, hidden, targets,
-                                                lambda states: inputs.call(index, states.shape[0]), device,
-                                                options.match, options.activation_dtype)
-                matches.append(match)
-            else:
-                with timer.stage("propagate"):
-                    hidden = _propagate(block, index, hidden, inputs, device, options)
-            block.to(home)
-            if store is not None:
-                with timer.stage("checkpoint"):
-                    store.save_block(index, block, layer_meta, block_records, len(blocks), match)
-            if weights is not None:
-                weights.release(block)
-            records.extend(block_records)
-            if block_records:
-                worst = max(r.relative_objective for r in block_records)
-                logger.info("block %d/%d: %d layers, worst relative error %.4g", index + 1, len(blocks),
-                            len(block_records), worst)
-            if on_block_end is not None:
-                on_block_end(index, block_records)
+            try:
+                hidden, dense_hidden = _run_block(model, plan, index, hidden, dense_hidden, inputs, device, options,
+                                                  timer, store, weights, records, matches, on_block_end)
+            except Exception as exc:
+                if ranks.several and not isinstance(exc, RankFailure):
+                    logger.error("rank %d failed in block %d: %s", ranks.rank, index, exc)
+                raise
     return records, matches, resumed
+
+
+def _run_block(model: nn.Module, plan: Plan, index: int, hidden: list[torch.Tensor],
+               dense_hidden: list[torch.Tensor] | None, inputs: BlockInputs, device: torch.device,
+               options: PipelineOptions, timer: StageTimer, store: ResumeStore | None, weights: BlockWeights | None,
+               records: list[LayerRecord], matches: list[MatchRecord],
+               on_block_end: BlockCallback | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Compress block ``index`` (after matching, if asked), checkpoint it; return the next block's
+    inputs (and the dense model's, when matching chases them)."""
+    blocks = plan.architecture.block_list(model)
+    chain = dense_hidden is not None
+    block = blocks[index]
+    if weights is not None:
+        with timer.stage("load"):
+            weights.load(index, block)
+    home = next(block.parameters()).device
+    block.to(device)
+    targets = None
+    if options.match.enabled and plan.blocks[index]:
+        with timer.stage("match"):
+            targets = _propagate(block, index, dense_hidden if chain else hidden, inputs, device, options)
+        if chain:
+            dense_hidden = targets
+    block_records, layer_meta = _compress_block(block, index, plan.blocks[index], hidden, inputs,
+                                                device, options, timer)
+    match = None
+    if targets is not None:  # matching's last pass over the data is the propagation
+        with timer.stage("match"):
+            match, hidden = match_block(block, index, hidden, targets,
+                                        lambda states: inputs.call(index, states.shape[0]), device,
+                                        options.match, options.activation_dtype)
+        matches.append(match)
+    else:
+        with timer.stage("propagate"):
+            hidden = _propagate(block, index, hidden, inputs, device, options)
+    block.to(home)
+    if store is not None:
+        with timer.stage("checkpoint"):
+            store.save_block(index, block, layer_meta, block_records, len(blocks), match)
+    if weights is not None:
+        weights.release(block)
+    records.extend(block_records)
+    if block_records:
+        worst = max(r.relative_objective for r in block_records)
+        logger.info("block %d/%d: %d layers, worst relative error %.4g", index + 1, len(blocks),
+                    len(block_records), worst)
+    if on_block_end is not None:
+        on_block_end(index, block_records)
+    return hidden, dense_hidden
 
 
 def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...], ...],
@@ -155,7 +179,7 @@ def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLaye
         if hessian is None:
             with timer.stage("hessian"):
                 hessian = _hessians(block, index, (group,), hidden, inputs, device, options, stop=True)[0]
-        for target, result, method in _decompose(block, group, hessian, device, options, timer):
+        for target, result, method in _decompose(block, index, group, hessian, device, options, timer):
             module = block.get_submodule(target.relative)
             with timer.stage("apply"):
                 if options.write_modules:
@@ -195,16 +219,18 @@ def _hessians(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...
     finally:
         for handle in handles:
             handle.remove()
+    options.ranks.sum_hessians(accumulators, f"block {index}")
     for group, acc in zip(groups, accumulators):
         if acc.tokens == 0:
             raise RuntimeError(f"{group[0].name} never ran when its block was called; its registry entry is wrong")
     return [acc.hessian for acc in accumulators]
 
 
-def _decompose(block: nn.Module, group: tuple[TargetLayer, ...], hessian: torch.Tensor, device: torch.device,
-               options: PipelineOptions, timer: StageTimer) -> list[tuple[TargetLayer, Any, LayerMethod]]:
+def _decompose(block: nn.Module, index: int, group: tuple[TargetLayer, ...], hessian: torch.Tensor,
+               device: torch.device, options: PipelineOptions,
+               timer: StageTimer) -> list[tuple[TargetLayer, Any, LayerMethod]]:
     """(target, result, its method) for every layer of the group: one ``fit`` per set of layers
-    that ask for the same settings."""
+    that ask for the same settings (per rank, on its share of them, when there are several)."""
     by_settings: dict[Any, list[TargetLayer]] = {}
     for target in group:
         by_settings.setdefault(target.settings, []).append(target)
@@ -213,9 +239,12 @@ def _decompose(block: nn.Module, group: tuple[TargetLayer, ...], hessian: torch.
         method = method_for(settings)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with timer.stage("decompose"):
-            results = method.fit(block, targets, settings, hessian, device, seed=options.seed,
-                                 engine_options=options.engine_options, clock=timer.decompose_parts)
+
+        def fit(mine: list[TargetLayer], method: LayerMethod = method, settings: Any = settings) -> dict:
+            return method.fit(block, mine, settings, hessian, device, seed=options.seed,
+                              engine_options=options.engine_options, clock=timer.decompose_parts)
+
+        results = options.ranks.solve(targets, fit, device, f"block {index}", stage=timer.stage)
         solved.extend((t, results[t], method) for t in targets)
     return solved
 
