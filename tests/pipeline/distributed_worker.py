@@ -5,7 +5,8 @@
 
 Faults for the failure tests: ``--raise-at RANK:BLOCK`` makes that rank raise while solving
 the block's layers, ``--die-at RANK:BLOCK`` kills that rank there, and ``--stop-after BLOCK``
-kills rank 0 once the block is checkpointed (a run killed mid-way, to be resumed).
+kills rank 0 once the block is checkpointed (a run killed mid-way, to be resumed); ``--stream
+DIR`` reads the blocks of a saved tiny Llama one at a time.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _inject(raise_at: tuple[int, int] | None, die_at: tuple[int, int] | None, ra
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=("llama", "stories260K"), default="llama")
+    parser.add_argument("--stream", type=Path, help="read the tiny Llama's blocks one at a time from this HF folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--method", default="hassle-free-fast")
     parser.add_argument("--windows", type=int, default=6)
@@ -61,7 +63,12 @@ def main() -> None:
         start_process_group(torch.device("cpu"), args.timeout)
     rank = Ranks.current().rank
     _inject(_fault(args.raise_at), _fault(args.die_at), rank)
-    if args.model == "llama":
+    weights = None
+    if args.stream:
+        from hasslefree.loading import open_streaming
+
+        (model, weights), calibration = open_streaming(args.stream), token_batch(args.windows, 32)
+    elif args.model == "llama":
         model, calibration = tiny_llama(num_hidden_layers=3), token_batch(args.windows, 32)
     else:
         from hasslefree.data import calibration_batch
@@ -76,7 +83,8 @@ def main() -> None:
             os._exit(9)
 
     compress(model, calibration=calibration, out_dir=args.out, pattern="2:4", rank=8, method=args.method,
-             iterations=3, progress=False, on_block_end=stop, true_sequential=not args.no_true_sequential)
+             iterations=3, progress=False, on_block_end=stop, true_sequential=not args.no_true_sequential,
+             block_weights=weights)
     end_process_group()
 
 

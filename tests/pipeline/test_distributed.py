@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import stories_text
+from helpers import stories_text, tiny_llama
 from hasslefree.pipeline.distributed import Ranks, assign_owners
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -87,6 +87,12 @@ def test_stories260k_across_processes_with_oats_and_all_groups_at_once(tmp_path)
     _ok(_run(tmp_path / "one", *flags, processes=1))
     _ok(_run(tmp_path / "two", *flags))
     _assert_same_outputs(tmp_path / "one", tmp_path / "two")
+
+
+def test_streamed_blocks_per_rank_give_the_same_model(reference, tmp_path):
+    tiny_llama(num_hidden_layers=3).save_pretrained(tmp_path / "hf")  # the reference's model, on disk
+    _ok(_run(tmp_path / "two", "--stream", str(tmp_path / "hf")))
+    _assert_same_outputs(reference, tmp_path / "two")
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
