@@ -10,7 +10,8 @@ Variants, each measured in a fresh subprocess (so memory and speed do not leak b
 
 Per variant: prefill tokens/s (one forward of a ``--prompt-tokens`` prompt, batch 1, KV cache
 on), decode tokens/s (``--new-tokens`` greedy steps of one token from that cache), and
-resident memory = process RSS after loading minus RSS after importing torch, transformers and
+resident memory = process RSS after loading (and reading every tensor once, so memory-mapped
+weights count) minus RSS after importing torch, transformers and
 hasslefree (with the model's code loaded through a meta-device skeleton, which holds no
 weights), and RSS after the run on the same baseline (it includes numba/LLVM and the KV cache). A short
 warm-up (8-token prompt, 2 decode steps; it compiles or loads the numba kernels) precedes the
@@ -181,6 +182,9 @@ def child(args: argparse.Namespace) -> None:
     base = rss_mb()
     began = time.perf_counter()
     model = (synthetic_model if args.synthetic else checkpoint_model)(args, args.variant).eval()
+    with torch.no_grad():  # read every tensor once: memory-mapped weights count only once paged in
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
     gc.collect()
     loaded = rss_mb()
     load_s = time.perf_counter() - began

@@ -82,9 +82,12 @@ def main() -> None:
         if index == args.stop_after and rank == 0:
             os._exit(9)
 
-    compress(model, calibration=calibration, out_dir=args.out, pattern="2:4", rank=8, method=args.method,
-             iterations=3, progress=False, on_block_end=stop, true_sequential=not args.no_true_sequential,
-             block_weights=weights)
+    if args.method.startswith("shss"):  # HSS layers travel between ranks as pickled modules
+        settings = dict(method=args.method, hss={"sparsity": 0.3, "outer_rank": 8, "leaf": 16})
+    else:
+        settings = dict(pattern="2:4", rank=8, method=args.method, iterations=3)
+    compress(model, calibration=calibration, out_dir=args.out, progress=False, on_block_end=stop,
+             true_sequential=not args.no_true_sequential, block_weights=weights, **settings)
     end_process_group()
 
 

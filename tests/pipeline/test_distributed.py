@@ -89,6 +89,12 @@ def test_stories260k_across_processes_with_oats_and_all_groups_at_once(tmp_path)
     _assert_same_outputs(tmp_path / "one", tmp_path / "two")
 
 
+def test_hss_layers_across_processes(tmp_path):
+    _ok(_run(tmp_path / "one", "--method", "shss-whitened", processes=1))
+    _ok(_run(tmp_path / "two", "--method", "shss-whitened"))
+    _assert_same_outputs(tmp_path / "one", tmp_path / "two")
+
+
 def test_streamed_blocks_per_rank_give_the_same_model(reference, tmp_path):
     tiny_llama(num_hidden_layers=3).save_pretrained(tmp_path / "hf")  # the reference's model, on disk
     _ok(_run(tmp_path / "two", "--stream", str(tmp_path / "hf")))

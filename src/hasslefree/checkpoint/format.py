@@ -81,7 +81,11 @@ def _build_model(config: dict[str, Any], config_path: Path) -> nn.Module:
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(config_path, f"cannot rebuild the transformers config: {exc}") from exc
     dtype = dtype_from_name(config["dtype"])
-    with _skip_weight_init():
+    from accelerate import init_empty_weights
+
+    # parameters on the meta device: every one is loaded or swapped for a compressed module, so
+    # the dense skeleton never takes memory; buffers (rotary tables) stay real
+    with _skip_weight_init(), init_empty_weights(include_buffers=False):
         try:
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         except TypeError:  # transformers < 4.56 spells it torch_dtype
@@ -184,6 +188,9 @@ def load_compressed(
     if aliases and hasattr(model, "tie_weights"):
         model.tie_weights()
     _restore_buffer_dtypes(model, dict(config.get("buffer_dtypes") or {}))
+    empty = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if empty is not None:
+        raise CheckpointError(weights_path, f"tensor {empty!r} of the model is not in the checkpoint")
     model.to(device)
     model.eval()
     logger.info("loaded %d compressed layers from %s", len(config["layers"]), directory)

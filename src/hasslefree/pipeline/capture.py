@@ -225,3 +225,24 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: Call, device: torch.
     """One block on one batch; the result stays on ``device``."""
     args, kwargs = to_device(call, device)
     return block_output(block(hidden.to(device, block_dtype), *args, **kwargs))
+
+
+@contextlib.contextmanager
+def rest_of_model_on(model: nn.Module, blocks_path: str, device: torch.device) -> Iterator[None]:
+    """Everything but the blocks (embeddings, rotary tables, final norm) on ``device`` for the run."""
+    home = next(model.parameters()).device
+    if home == device:
+        yield
+        return
+    parent_name, _, attr = blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = parent._modules[attr]
+    parent._modules[attr] = nn.ModuleList()
+    model.to(device)
+    parent._modules[attr] = blocks
+    try:
+        yield
+    finally:
+        parent._modules[attr] = nn.ModuleList()
+        model.to(home)
+        parent._modules[attr] = blocks

@@ -10,10 +10,8 @@ at group g's input. Activations live on the CPU; one block at a time visits the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +21,14 @@ from torch import nn
 from hasslefree.decompose import Decomposition
 from hasslefree.hessian import HessianAccumulator
 from hasslefree.nn import replace_linear
-from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, run_block, split_batches
+from hasslefree.pipeline.capture import (BlockInputs, capture_block_inputs, rest_of_model_on, run_block,
+                                         split_batches)
 from hasslefree.pipeline.distributed import RankFailure, Ranks
 from hasslefree.pipeline.layer_methods import LayerMethod, method_for
 from hasslefree.pipeline.layers import write_dense
 from hasslefree.pipeline.matching import MatchOptions, MatchRecord, match_block
 from hasslefree.pipeline.plan import Plan, TargetLayer
+from hasslefree.pipeline.progress import progress_bar
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore
 from hasslefree.forward_stop import StopForward, run_until_stopped
@@ -86,7 +86,7 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
     if resumed:
         logger.info("resuming after %d finished block(s) of %d", resumed, len(blocks))
     chain = options.match.enabled and options.match.target == "model"
-    with _rest_of_model_on(model, plan.architecture.blocks, device):
+    with rest_of_model_on(model, plan.architecture.blocks, device):
         with timer.stage("capture"):
             inputs = capture_block_inputs(model, blocks, calibration, batch_size=options.batch_size,
                                           device=device, dtype=options.activation_dtype, weights=weights)
@@ -102,7 +102,7 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
                 hidden = _propagate(blocks[index], index, hidden, inputs, device, options)
                 if weights is not None:
                     weights.release(blocks[index])
-        bar = _bar(range(resumed, len(blocks)), options, desc="blocks", total=len(blocks), initial=resumed)
+        bar = progress_bar(range(resumed, len(blocks)), options.progress, desc="blocks", total=len(blocks), initial=resumed)
         for index in bar:
             try:
                 hidden, dense_hidden = _run_block(model, plan, index, hidden, dense_hidden, inputs, device, options,
@@ -168,7 +168,7 @@ def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLaye
                     options: PipelineOptions, timer: StageTimer) -> tuple[list[LayerRecord], dict]:
     records: list[LayerRecord] = []
     meta: dict[str, dict[str, Any]] = {}
-    layers = _bar(None, options, desc=f"block {index} layers", total=sum(len(g) for g in groups), leave=False)
+    layers = progress_bar(None, options.progress, desc=f"block {index} layers", total=sum(len(g) for g in groups), leave=False)
     if options.true_sequential:
         schedule = [(group, None) for group in groups]
     else:
@@ -276,50 +276,3 @@ def _record(target: TargetLayer, result: Decomposition | Any, device: torch.devi
         peak_rss_mb=round(peak_rss_mb(), 1), cuda_peak_mb=cuda_peak_mb(device),
         damped_relative_objective=getattr(result, "damped_relative_objective", None),
     )
-
-
-@contextlib.contextmanager
-def _rest_of_model_on(model: nn.Module, blocks_path: str, device: torch.device) -> Iterator[None]:
-    """Everything but the blocks (embeddings, rotary tables, final norm) on ``device`` for the run."""
-    home = next(model.parameters()).device
-    if home == device:
-        yield
-        return
-    parent_name, _, attr = blocks_path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    blocks = parent._modules[attr]
-    parent._modules[attr] = nn.ModuleList()
-    model.to(device)
-    parent._modules[attr] = blocks
-    try:
-        yield
-    finally:
-        parent._modules[attr] = nn.ModuleList()
-        model.to(home)
-        parent._modules[attr] = blocks
-
-
-def _bar(iterable, options: PipelineOptions, **kwargs):
-    """A tqdm bar when asked for and stderr is a terminal, else a silent stand-in."""
-    enabled = options.progress and sys.stderr.isatty()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if enabled:
-        return tqdm(iterable, dynamic_ncols=True, **kwargs)
-    return _Silent(iterable)
-
-
-class _Silent:
-    def __init__(self, iterable) -> None:
-        self.iterable = iterable if iterable is not None else ()
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def update(self, _n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
