@@ -126,3 +126,18 @@ def test_a_rank_that_dies_ends_the_job_promptly(tmp_path):
     assert result.returncode != 0 and time.monotonic() - began < 60
     assert "exitcode  : 7" in result.stderr  # torchrun's report names the rank that died
     assert "block 1" in result.stderr and "another rank probably died" in result.stderr
+
+
+def test_the_command_line_under_torchrun_matches_one_process(tmp_path):
+    text = stories_text()
+    flags = ["compress", "stories260K", "--calib", text, "--nsamples", "4", "--seqlen", "64", "--rank", "8",
+             "--iterations", "2", "--method", "hassle-free-fast", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc-per-node=2"])):
+        done = subprocess.run([*launcher, "-m", "hasslefree", *flags, "--out", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=LIMIT_S, env=env)
+        _ok(done)
+        assert done.stdout.count("wrote ") == 1  # rank 0 alone reports
+    _assert_same_outputs(tmp_path / "one", tmp_path / "two")
