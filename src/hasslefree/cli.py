@@ -186,8 +186,6 @@ def _compress(args: argparse.Namespace) -> int:
         device = device_from_arg(args.device)
         resolve_source(recipe.calib, split="calib")
         if args.distributed or launched_by_torchrun():
-            if recipe.match.enabled:
-                raise ValueError("block-output matching (--match-epochs) does not run across several processes yet")
             device = start_process_group(torch.device(device), args.dist_timeout)
         model, tokenizer, block_weights = _load_for_compress(args)
         prepare(model, pattern=recipe.pattern, rank=recipe.rank_policy(), method=recipe.method,

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--method", default="hassle-free-fast")
     parser.add_argument("--windows", type=int, default=6)
     parser.add_argument("--no-true-sequential", action="store_true")
+    parser.add_argument("--match-accumulate", type=int, help="block-output matching, 1 epoch, this many batches a step")
     parser.add_argument("--raise-at")
     parser.add_argument("--die-at")
     parser.add_argument("--stop-after", type=int)
@@ -86,6 +87,8 @@ def main() -> None:
         settings = dict(method=args.method, hss={"sparsity": 0.3, "outer_rank": 8, "leaf": 16})
     else:
         settings = dict(pattern="2:4", rank=8, method=args.method, iterations=3)
+    if args.match_accumulate:
+        settings["match"] = {"epochs": 1, "lr": 1e-4, "target": "model", "accumulate": args.match_accumulate}
     compress(model, calibration=calibration, out_dir=args.out, progress=False, on_block_end=stop,
              true_sequential=not args.no_true_sequential, block_weights=weights, **settings)
     end_process_group()

@@ -66,10 +66,10 @@ def test_owners_go_largest_first_to_the_least_loaded_rank():
     assert max(loads) - min(loads) <= max(costs) and sorted(set(owners)) == [0, 1, 2]
 
 
-def test_shards_are_contiguous_and_cover_every_batch_once():
+def test_shards_interleave_and_cover_every_batch_once():
     batches = list(range(7))
     shards = [Ranks(rank, 3).shard(batches) for rank in range(3)]
-    assert shards == [[0, 1], [2, 3], [4, 5, 6]]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
     with pytest.raises(ValueError, match="2 calibration batch.*3 processes"):
         Ranks(0, 3).shard([0, 1])
 
@@ -93,6 +93,17 @@ def test_hss_layers_across_processes(tmp_path):
     _ok(_run(tmp_path / "one", "--method", "shss-whitened", processes=1))
     _ok(_run(tmp_path / "two", "--method", "shss-whitened"))
     _assert_same_outputs(tmp_path / "one", tmp_path / "two")
+
+
+def test_matching_across_two_processes_is_one_process_with_two_batches_a_step(tmp_path):
+    """Each step sums one batch's gradient per rank: batches 2k and 2k+1, as one process with
+    accumulate=2 does, and a sum of two terms does not depend on their order."""
+    _ok(_run(tmp_path / "one", "--match-accumulate", "2", processes=1))
+    _ok(_run(tmp_path / "two", "--match-accumulate", "1"))
+    _assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    matching = json.loads((tmp_path / "two" / "report.json").read_text())["matching"]
+    assert len(matching) == 3 and all(m["steps"] == 3 for m in matching)
+    assert all(m["kept"] and m["loss_after"] < m["loss_before"] for m in matching)
 
 
 def test_streamed_blocks_per_rank_give_the_same_model(reference, tmp_path):

@@ -189,8 +189,6 @@ def compress(
         if all(t.settings.is_hss for t in plan.layers):
             config["pattern"], config["rank"] = "hss", "hss"
     ranks = Ranks.current()
-    if ranks.several and match.enabled:
-        raise ValueError("block-output matching does not run across several processes yet; run it in one process")
     options = PipelineOptions(batch_size=batch_size, true_sequential=true_sequential, write_modules=not dense,
                               activation_dtype=activation_dtype, hessian_dtype=hessian_dtype, seed=seed,
                               engine_options=dict(engine_options), progress=progress and ranks.writes, match=match,

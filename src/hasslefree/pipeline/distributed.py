@@ -1,12 +1,14 @@
 """The pipeline across processes (``torchrun``; gloo on CPUs, NCCL on GPUs).
 
-Data-parallel calibration: each rank holds a contiguous shard of the calibration batches, runs
+Data-parallel calibration: each rank holds every world-th calibration batch, runs
 the block passes on it and keeps its own propagated activations; every group's Hessian is the
 float64 sum of xᵀx and the token count over all ranks, so each rank solves with the H one
 process would get. Layer-parallel decomposition: a group's layers go to owner ranks by
 modelled cost (largest first, to the least loaded rank); each owner solves its layers and
 broadcasts the results, so every rank builds the same compressed block whoever solved what.
-A rank that raises while solving makes every rank stop at the next collective with a message
+Block-output matching runs data-parallel too: each optimiser step sums the gradients of one
+batch (``accumulate`` batches) per rank, which is the one-process run with ``accumulate x
+world`` batches per step. A rank that raises while solving makes every rank stop at the next collective with a message
 naming it and the block; a rank that dies ends the job through torchrun or, at the latest,
 through the collectives' timeout.
 """
@@ -67,12 +69,38 @@ class Ranks:
         return self.rank == 0
 
     def shard(self, batches: Sequence[T]) -> list[T]:
-        """This rank's contiguous share of the calibration batches (sizes differ by at most one)."""
+        """This rank's share of the calibration batches: every ``world``-th one from ``rank``, so
+        a matching step over one batch per rank covers consecutive batches (see :meth:`in_order`)."""
         if len(batches) < self.world:
             raise ValueError(f"{len(batches)} calibration batch(es) cannot feed {self.world} processes: give at least "
                              "one batch per process (more --nsamples or a smaller --batch-size)")
-        lo, hi = (len(batches) * r // self.world for r in (self.rank, self.rank + 1))
-        return list(batches[lo:hi])
+        return list(batches[self.rank::self.world])
+
+    def in_order(self, values: Sequence[float], what: str) -> list[float]:
+        """One value per local batch, from every rank, in the global batch order (so a sum over
+        them adds in the same order as one process would)."""
+        if not self.several:
+            return list(values)
+        gathered: list[Any] = [None] * self.world
+        self._collective(lambda: dist.all_gather_object(gathered, list(values)), what)
+        return [gathered[i % self.world][i // self.world] for i in range(sum(len(g) for g in gathered))]
+
+    def sum_gradients(self, params: Sequence[torch.Tensor], what: str) -> None:
+        """Each gradient summed over the ranks, in place (a rank without a batch this step adds zeros)."""
+        if not self.several:
+            return
+        for p in params:
+            grad = (p.grad if p.grad is not None else torch.zeros_like(p)).to(self.device)
+            self._collective(lambda: dist.all_reduce(grad), what)
+            p.grad = grad.to(p.device)
+
+    def most(self, value: int, what: str) -> int:
+        """The largest ``value`` over the ranks."""
+        if not self.several:
+            return value
+        found = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self._collective(lambda: dist.all_reduce(found, op=dist.ReduceOp.MAX), what)
+        return int(found)
 
     def agree(self, value: int, what: str) -> int:
         """``value``, checked to be the same on every rank."""

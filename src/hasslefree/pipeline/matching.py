@@ -30,6 +30,7 @@ from torch import nn
 
 from hasslefree.nn import SparseLowRankLinear
 from hasslefree.pipeline.capture import Call, run_block
+from hasslefree.pipeline.distributed import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,13 @@ CallFor = Callable[[torch.Tensor], Call]
 
 def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], targets: list[torch.Tensor],
                 call_for: CallFor, device: torch.device, options: MatchOptions,
-                out_dtype: torch.dtype) -> tuple[MatchRecord, list[torch.Tensor]]:
+                out_dtype: torch.dtype, ranks: Ranks = Ranks()) -> tuple[MatchRecord, list[torch.Tensor]]:
     """Tune ``block``'s SparseLowRankLinear layers in place so block(hidden) ≈ targets.
 
     Returns the record and the tuned block's outputs (on the CPU in ``out_dtype``), computed
     exactly as the pipeline propagates activations, so they serve as the next block's inputs.
+    With several ``ranks`` each holds its share of the batches; losses and gradients are
+    summed over all of them, so every rank ends with the same block.
     """
     began = time.perf_counter()
     dtype = next(block.parameters()).dtype
@@ -97,7 +100,7 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
     frozen = {p: p.requires_grad for p in block.parameters()}
     layer_dtypes = [layer.sparse_weight.dtype for layer in layers]
     saved = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
-    before = _relative_error(_outputs(block, hidden, call_for, device, dtype, out_dtype), targets)
+    before = _relative_error(_outputs(block, hidden, call_for, device, dtype, out_dtype), targets, ranks)
     for layer in layers:
         layer.float()
     masks = [layer.sparse_weight.detach() != 0 for layer in layers]
@@ -107,7 +110,7 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
     for p in params:
         p.requires_grad_(True)
     try:
-        steps = _train(block, hidden, targets, call_for, device, dtype, layers, masks, params, options)
+        steps = _train(block, hidden, targets, call_for, device, dtype, layers, masks, params, options, ranks)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
@@ -115,7 +118,7 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
             for layer, layer_dtype in zip(layers, layer_dtypes):
                 layer.to(layer_dtype)
     outputs = _outputs(block, hidden, call_for, device, dtype, out_dtype)
-    after = _relative_error(outputs, targets)
+    after = _relative_error(outputs, targets, ranks)
     kept = after < before
     if not kept:
         with torch.no_grad():
@@ -128,17 +131,18 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
     return MatchRecord(index, before, after if kept else before, steps, round(seconds, 3), kept), outputs
 
 
-def _train(block, hidden, targets, call_for, device, dtype, layers, masks, params, options: MatchOptions) -> int:
+def _train(block, hidden, targets, call_for, device, dtype, layers, masks, params, options: MatchOptions,
+           ranks: Ranks) -> int:
     optimizer = torch.optim.Adam(params, lr=options.lr)
-    per_epoch = math.ceil(len(hidden) / options.accumulate)
+    per_epoch = ranks.most(math.ceil(len(hidden) / options.accumulate), "matching: the step count")
     total = per_epoch * options.epochs
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total,
                                                           eta_min=options.lr * options.final_lr_fraction)
-    scale = 1.0 / sum(float(t.float().pow(2).sum()) for t in targets)
+    scale = 1.0 / sum(ranks.in_order([float(t.float().pow(2).sum()) for t in targets], "matching: the target norm"))
     autocast = _autocast(device, dtype)
     steps = 0
     for _ in range(options.epochs):
-        for start in range(0, len(hidden), options.accumulate):
+        for start in range(0, per_epoch * options.accumulate, options.accumulate):
             optimizer.zero_grad(set_to_none=True)
             for states, target in zip(hidden[start:start + options.accumulate],
                                       targets[start:start + options.accumulate]):
@@ -146,6 +150,7 @@ def _train(block, hidden, targets, call_for, device, dtype, layers, masks, param
                     out = run_block(block, states, call_for(states), device, dtype)
                 loss = (out.float() - target.to(device, torch.float32)).pow(2).sum() * scale
                 loss.backward()
+            ranks.sum_gradients(params, "matching: the gradient sum")
             for layer, mask in zip(layers, masks):
                 layer.sparse_weight.grad.mul_(mask)
             optimizer.step()
@@ -163,9 +168,10 @@ def _outputs(block, hidden, call_for, device, dtype, out_dtype) -> list[torch.Te
     return [run_block(block, states, call_for(states), device, dtype).to("cpu", out_dtype) for states in hidden]
 
 
-def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    error = sum(float((o.float() - t.float()).pow(2).sum()) for o, t in zip(outputs, targets))
-    norm = sum(float(t.float().pow(2).sum()) for t in targets)
+def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], ranks: Ranks) -> float:
+    error = sum(ranks.in_order([float((o.float() - t.float()).pow(2).sum()) for o, t in zip(outputs, targets)],
+                               "matching: the output error"))
+    norm = sum(ranks.in_order([float(t.float().pow(2).sum()) for t in targets], "matching: the target norm"))
     return error / norm if norm > 0 else 0.0
 
 

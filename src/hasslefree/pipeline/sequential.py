@@ -142,7 +142,7 @@ def _run_block(model: nn.Module, plan: Plan, index: int, hidden: list[torch.Tens
         with timer.stage("match"):
             match, hidden = match_block(block, index, hidden, targets,
                                         lambda states: inputs.call(index, states.shape[0]), device,
-                                        options.match, options.activation_dtype)
+                                        options.match, options.activation_dtype, options.ranks)
         matches.append(match)
     else:
         with timer.stage("propagate"):
