@@ -86,30 +86,25 @@ class Ranks:
         return [gathered[i % self.world][i // self.world] for i in range(sum(len(g) for g in gathered))]
 
     def sum_gradients(self, params: Sequence[torch.Tensor], what: str) -> None:
-        """Each gradient summed over the ranks, in place (a rank without a batch this step adds zeros)."""
+        """Each gradient summed over the ranks, in place, in one collective (a rank without a
+        batch this step adds zeros)."""
         if not self.several:
             return
-        for p in params:
-            grad = (p.grad if p.grad is not None else torch.zeros_like(p)).to(self.device)
-            self._collective(lambda: dist.all_reduce(grad), what)
-            p.grad = grad.to(p.device)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
+        self._collective(lambda: dist.all_reduce(flat), what)
+        for p, part in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = part.view_as(p).to(p.device)
 
     def most(self, value: int, what: str) -> int:
         """The largest ``value`` over the ranks."""
-        if not self.several:
-            return value
-        found = torch.tensor([value], dtype=torch.int64, device=self.device)
-        self._collective(lambda: dist.all_reduce(found, op=dist.ReduceOp.MAX), what)
-        return int(found)
+        return self._max([value], what)[0]
 
     def agree(self, value: int, what: str) -> int:
         """``value``, checked to be the same on every rank."""
-        if not self.several:
-            return value
-        both = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
-        self._collective(lambda: dist.all_reduce(both, op=dist.ReduceOp.MAX), what)
-        if int(both[0]) != -int(both[1]):
-            raise RankFailure(f"the ranks disagree on {what} ({-int(both[1])} to {int(both[0])}); the output directory "
+        high, low = self._max([value, -value], what)
+        if high != -low:
+            raise RankFailure(f"the ranks disagree on {what} ({-low} to {high}); the output directory "
                               "must be one file system that every host sees")
         return value
 
@@ -117,15 +112,12 @@ class Ranks:
         """Every accumulator's sum and token count over all ranks, in place."""
         if not self.several:
             return
-        for acc in accumulators:
+        tokens = torch.tensor([acc.tokens for acc in accumulators], dtype=torch.int64, device=self.device)
+        self._collective(lambda: dist.all_reduce(tokens), f"{where}: the token counts")
+        for acc, count in zip(accumulators, tokens.tolist()):
             total = acc.total.to(self.device)
-            tokens = torch.tensor([acc.tokens], dtype=torch.float64, device=self.device)
-            self._collective(lambda: (dist.all_reduce(total), dist.all_reduce(tokens)), f"{where}: the Hessian sum")
-            acc.merge_from(total.to(acc.total.device), int(tokens.item()))
-
-    def owners(self, targets: Sequence[TargetLayer]) -> list[int]:
-        """The rank that solves each target."""
-        return assign_owners([layer_cost(t) for t in targets], self.world)
+            self._collective(lambda: dist.all_reduce(total), f"{where}: the Hessian sum")
+            acc.merge_from(total.to(acc.total.device), count)
 
     def solve(self, targets: Sequence[TargetLayer], fit: Callable[[list[TargetLayer]], dict[TargetLayer, Any]],
               result_device: torch.device, where: str,
@@ -136,7 +128,7 @@ class Ranks:
         if not self.several:
             with stage("decompose"):
                 return fit(list(targets))
-        owners = self.owners(targets)
+        owners = assign_owners([layer_cost(t) for t in targets], self.world)
         mine = [t for t, owner in zip(targets, owners) if owner == self.rank]
         error: BaseException | None = None
         results: dict[TargetLayer, Any] = {}
@@ -151,12 +143,11 @@ class Ranks:
 
     def _share(self, results: dict[TargetLayer, Any], targets: Sequence[TargetLayer], owners: list[int],
                error: BaseException | None, result_device: torch.device, where: str) -> dict[TargetLayer, Any]:
-        failed = torch.tensor([self.rank if error is not None else -1], dtype=torch.int64, device=self.device)
-        self._collective(lambda: dist.all_reduce(failed, op=dist.ReduceOp.MAX), f"{where}: the status exchange")
+        failed = self.most(self.rank if error is not None else -1, f"{where}: the status exchange")
         if error is not None:
             raise RankFailure(f"rank {self.rank} failed in {where}: {error}") from error
-        if int(failed) >= 0:
-            raise RankFailure(f"rank {int(failed)} failed in {where}; rank {self.rank} stops too")
+        if failed >= 0:
+            raise RankFailure(f"rank {failed} failed in {where}; rank {self.rank} stops too")
         return {t: self._broadcast(results.get(t), owner, result_device, f"{where}: {t.name} from rank {owner}")
                 for t, owner in zip(targets, owners)}
 
@@ -182,6 +173,14 @@ class Ranks:
             if isinstance(getattr(skeleton, f.name), nn.Module):
                 filled[f.name] = getattr(skeleton, f.name).to(device)
         return result if self.rank == owner else dataclasses.replace(skeleton, **filled)
+
+    def _max(self, values: list[int], what: str) -> list[int]:
+        """Element-wise maximum of integer ``values`` over the ranks."""
+        if not self.several:
+            return values
+        found = torch.tensor(values, dtype=torch.int64, device=self.device)
+        self._collective(lambda: dist.all_reduce(found, op=dist.ReduceOp.MAX), what)
+        return found.tolist()
 
     def _collective(self, call: Callable[[], Any], what: str) -> None:
         try:

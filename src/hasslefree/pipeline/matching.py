@@ -100,7 +100,8 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
     frozen = {p: p.requires_grad for p in block.parameters()}
     layer_dtypes = [layer.sparse_weight.dtype for layer in layers]
     saved = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
-    before = _relative_error(_outputs(block, hidden, call_for, device, dtype, out_dtype), targets, ranks)
+    norm = sum(ranks.in_order([float(t.float().pow(2).sum()) for t in targets], "matching: the target norm"))
+    before = _relative_error(_outputs(block, hidden, call_for, device, dtype, out_dtype), targets, norm, ranks)
     for layer in layers:
         layer.float()
     masks = [layer.sparse_weight.detach() != 0 for layer in layers]
@@ -110,7 +111,8 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
     for p in params:
         p.requires_grad_(True)
     try:
-        steps = _train(block, hidden, targets, call_for, device, dtype, layers, masks, params, options, ranks)
+        steps = _train(block, hidden, targets, call_for, device, dtype, layers, masks, params, options, norm,
+                       ranks)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
@@ -118,7 +120,7 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
             for layer, layer_dtype in zip(layers, layer_dtypes):
                 layer.to(layer_dtype)
     outputs = _outputs(block, hidden, call_for, device, dtype, out_dtype)
-    after = _relative_error(outputs, targets, ranks)
+    after = _relative_error(outputs, targets, norm, ranks)
     kept = after < before
     if not kept:
         with torch.no_grad():
@@ -132,13 +134,13 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
 
 
 def _train(block, hidden, targets, call_for, device, dtype, layers, masks, params, options: MatchOptions,
-           ranks: Ranks) -> int:
+           norm: float, ranks: Ranks) -> int:
     optimizer = torch.optim.Adam(params, lr=options.lr)
     per_epoch = ranks.most(math.ceil(len(hidden) / options.accumulate), "matching: the step count")
     total = per_epoch * options.epochs
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total,
                                                           eta_min=options.lr * options.final_lr_fraction)
-    scale = 1.0 / sum(ranks.in_order([float(t.float().pow(2).sum()) for t in targets], "matching: the target norm"))
+    scale = 1.0 / norm
     autocast = _autocast(device, dtype)
     steps = 0
     for _ in range(options.epochs):
@@ -168,10 +170,10 @@ def _outputs(block, hidden, call_for, device, dtype, out_dtype) -> list[torch.Te
     return [run_block(block, states, call_for(states), device, dtype).to("cpu", out_dtype) for states in hidden]
 
 
-def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], ranks: Ranks) -> float:
+def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], norm: float, ranks: Ranks) -> float:
+    """‖outputs − targets‖² / ``norm`` (‖targets‖² over every rank's batches)."""
     error = sum(ranks.in_order([float((o.float() - t.float()).pow(2).sum()) for o, t in zip(outputs, targets)],
                                "matching: the output error"))
-    norm = sum(ranks.in_order([float(t.float().pow(2).sum()) for t in targets], "matching: the target norm"))
     return error / norm if norm > 0 else 0.0
 
 

@@ -108,17 +108,15 @@ class ResumeStore:
         """Write block ``index``, then the progress. Its compressed modules go through their
         checkpoint codecs (the same encodings as the final checkpoint: N:M values + positions,
         HSS factors, ...), keyed ``codec.<layer>.<tensor>``; the rest of the block as it is."""
-        if not self.read_only:
-            path = self.block_path(index)
-            state, entries = _encode_block(block, [rel for rel, info in layers.items() if info.get("module")])
-            atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"layers": json.dumps(entries),
-                                                                                 "config_hash": self.hash}))
         self.completed = index + 1
         self.layers.extend(_record_dict(r) for r in records)
         if match is not None:
             self.matching.append(asdict(match))
         if self.read_only:
             return
+        state, entries = _encode_block(block, [rel for rel, info in layers.items() if info.get("module")])
+        atomic_write(self.block_path(index), lambda tmp: save_file(state, str(tmp), metadata={
+            "layers": json.dumps(entries), "config_hash": self.hash}))
         progress = {"config_hash": self.hash, "config": self.config, "num_blocks": num_blocks,
                     "completed_blocks": self.completed, "layers": self.layers}
         if self.matching:
