@@ -121,6 +121,7 @@ def test_masked_expand_path_matches_float64(kernels: None, monkeypatch, pattern:
     the masked-expand kernel runs (counted) and is within the float32 bound of the float64 result."""
     from hasslefree.nn import packed_kernels
 
+    monkeypatch.setattr(packed_kernels, "HAVE_AVX2", False)  # 2:4 would take the permute path
     calls = []
     original = packed_kernels._masked_single_token_kernel
     monkeypatch.setattr(packed_kernels, "_masked_single_token_kernel", lambda *a: calls.append(1) or original(*a))
@@ -134,6 +135,31 @@ def test_masked_expand_path_matches_float64(kernels: None, monkeypatch, pattern:
     x3 = torch.randn(3, in_f, generator=g).to(dtype)  # several tokens: the general kernels
     assert_close_ref(p.forward_kernel(x3), m, x3)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, bias", LOW_RANK + [(7, True)])  # 7: a low-rank tail past the 4 partial sums
+@pytest.mark.parametrize("in_f", [16, 48, 112, 1024])  # 1, 3 (odd), 7 and 64 chunks of 16 inputs
+def test_two_four_permute_path_matches_float64(kernels: None, monkeypatch, in_f: int, rank: int, bias: bool,
+                                               dtype: torch.dtype) -> None:
+    """2:4 rows of a width divisible by 16 on an AVX2 CPU, 1 to 8 tokens: the permute kernel runs
+    (counted; on a CPU without AVX2 it must not) and is within the float32 bound of float64,
+    at input scales far from 1."""
+    from hasslefree.nn import packed_kernels
+
+    calls = []
+    original = packed_kernels._two_four_kernel
+    monkeypatch.setattr(packed_kernels, "_two_four_kernel", lambda *a: calls.append(1) or original(*a))
+    m = make_layer(45, in_f, "2:4", rank, bias, dtype, seed=in_f + rank)  # 45 rows: a partial row block
+    p = PackedSparseLowRankLinear.from_module(m)
+    g = torch.Generator().manual_seed(11)
+    runs = 0
+    for tokens in TOKENS:
+        for scale in (1.0, 1e-3, 1e3):
+            x = (torch.randn(tokens, in_f, generator=g) * scale).to(dtype)
+            assert_close_ref(p.forward_kernel(x), m, x)
+            runs += 1
+    assert len(calls) == (runs if packed_kernels.HAVE_AVX2 else 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,6 +7,13 @@ bit-mask layout the identity; for 2:4 positions the table turns four 2-bit posit
 their group bits), ``llvm.masked.expandload`` spreads the chunk's kept values over the kept
 lanes (one ``vpexpand`` on AVX-512 CPUs, a generic sequence elsewhere), and one vector FMA
 with the 16 contiguous inputs accumulates. No gathers, one pass over the packed values.
+
+:func:`two_four_row_dot` is the AVX2 route for 2:4 rows (CPUs without ``vpexpand``, where the
+generic expand sequence is scalar): the values of a 16-input chunk are already contiguous (8 of
+them), so instead of spreading values it brings the inputs to them: the chunk's 16 code bits
+(8 positions) are shifted into 8 lanes, and two in-lane ``vpermilps`` (which read the low 2 bits
+of each index) over the inputs arranged as groups 0|2 and 1|3, then a blend, give the 8 inputs
+the 8 kept values multiply. Two accumulators (even and odd chunks) hide the add latency.
 """
 
 from __future__ import annotations
@@ -100,6 +107,83 @@ def masked_row_dot(typingctx, values, codes, cstart, table, nchunks, x):
         return builder.call(reduce, [ir.Constant(f32, -0.0), builder.load(acc)], fastmath=("reassoc",))
 
     return sig, codegen
+
+
+@intrinsic
+def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstart):
+    """float32 Σ_c values[vstart + 8c : +8] · (the 8 kept inputs of x[xstart + 16c : +16]) over
+    ``nchunks`` chunks of a 2:4 row (AVX2 only); ``codes`` uint8, the row's chunk c coded by the
+    16 bits at byte ``cstart + 2c`` (even); ``values`` float32 or bfloat16 bit patterns (int16);
+    ``x`` float32. Even chunks sum into one vector, odd into another; (even + odd) is reduced by
+    a fixed tree."""
+    bf16 = isinstance(values.dtype, types.Integer)
+    sig = types.float32(values, vstart, codes, cstart, nchunks, x, xstart)
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 5)]
+        i16, i32, i64, f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v8f, v8i32, v4f, v8i16 = ir.VectorType(f32, 8), ir.VectorType(i32, 8), ir.VectorType(f32, 4), \
+            ir.VectorType(i16, 8)
+        module = builder.module
+        permil = cgutils.get_or_insert_function(module, ir.FunctionType(v8f, [v8f, v8i32]),
+                                                "llvm.x86.avx.vpermilvar.ps.256")
+        reduce = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, v8f]),
+                                                "llvm.vector.reduce.fadd.v8f32")
+        lane_type = v8i16 if bf16 else v8f
+        vbase = builder.bitcast(arrays[0].data, lane_type.element.as_pointer())
+        cbase = builder.bitcast(arrays[1].data, i16.as_pointer())
+        xbase = builder.bitcast(arrays[2].data, f32.as_pointer())
+
+        def wide(value):
+            return builder.sext(value, i64) if value.type.width < 64 else value
+
+        vstart, xstart, count = wide(args[1]), wide(args[6]), wide(args[4])
+        cstart = builder.ashr(wide(args[3]), ir.Constant(i64, 1))  # in 16-bit words
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in range(2)]
+        # lane j of the output takes its position from bits 2j, 2j + 1 of the chunk's code;
+        # vpermilps reads only the low two bits of each index
+        shifts = ir.Constant(v8i32, [0, 2, 4, 6, 8, 10, 12, 14])
+
+        def quarter(at):
+            return builder.load(builder.bitcast(builder.gep(xbase, [at]), v4f.as_pointer()), align=4)
+
+        def chunk(c, acc) -> None:
+            code = builder.zext(builder.load(builder.gep(cbase, [builder.add(cstart, c)]), align=1), i32)
+            spread = builder.shuffle_vector(builder.insert_element(ir.Constant(v8i32, None), code, ir.Constant(i32, 0)),
+                                            ir.Constant(v8i32, None), ir.Constant(v8i32, [0] * 8))
+            idx = builder.lshr(spread, shifts)
+            xat = builder.add(xstart, builder.shl(c, ir.Constant(i64, 4)))
+            g = [quarter(builder.add(xat, ir.Constant(i64, 4 * k))) for k in range(4)]  # the chunk's 4 groups
+            even = builder.shuffle_vector(g[0], g[2], ir.Constant(v8i32, list(range(8))))  # groups 0 | 2
+            odd = builder.shuffle_vector(g[1], g[3], ir.Constant(v8i32, list(range(8))))  # groups 1 | 3
+            # in-lane permutes: lanes 0, 1 (4, 5) pick group 0's (2's) inputs, lanes 2, 3 (6, 7) group 1's (3's)
+            picked = builder.shuffle_vector(builder.call(permil, [even, idx]), builder.call(permil, [odd, idx]),
+                                            ir.Constant(v8i32, [0, 1, 10, 11, 4, 5, 14, 15]))
+            vptr = builder.gep(vbase, [builder.add(vstart, builder.shl(c, ir.Constant(i64, 3)))])
+            lanes = builder.load(builder.bitcast(vptr, lane_type.as_pointer()), align=2 if bf16 else 4)
+            if bf16:  # bits << 16 reinterpreted as float32: exact
+                lanes = builder.bitcast(builder.shl(builder.zext(lanes, v8i32), ir.Constant(v8i32, 16)), v8f)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(lanes, picked)), acc)
+
+        pairs = builder.ashr(count, ir.Constant(i64, 1))
+        with cgutils.for_range(builder, pairs) as loop:
+            c = builder.shl(loop.index, ir.Constant(i64, 1))
+            chunk(c, accs[0])
+            chunk(builder.add(c, ir.Constant(i64, 1)), accs[1])
+        odd_count = builder.icmp_unsigned("!=", builder.and_(count, ir.Constant(i64, 1)), ir.Constant(i64, 0))
+        with builder.if_then(odd_count):
+            chunk(builder.sub(count, ir.Constant(i64, 1)), accs[0])
+        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        return builder.call(reduce, [ir.Constant(f32, -0.0), total], fastmath=("reassoc",))
+
+    return sig, codegen
+
+
+def host_has_avx2() -> bool:
+    """Whether the CPU numba compiles for has AVX2 (``vpermps``), for :func:`two_four_row_dot`."""
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().get("avx2", False))
 
 
 def mask_tables() -> tuple[np.ndarray, np.ndarray]:

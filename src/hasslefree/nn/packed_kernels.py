@@ -22,6 +22,12 @@ costs one pass over the packed W_S. The kernels make exactly that pass:
   the kept values expanded over their lanes by the chunk's keep mask and one vector FMA with
   the 16 contiguous inputs (no gathers; ``vpexpand`` on AVX-512). Its 16 lanes are summed by a
   fixed tree at the end of the row.
+* **2:4 (input width a multiple of 16) on AVX2 CPUs, 1 to ``decode_tokens`` tokens** —
+  :func:`~hasslefree.nn.packed_intrinsics.two_four_row_dot`: per 16-input chunk the 8 kept
+  values are loaded as they are and the 8 inputs they multiply are picked by two in-lane
+  permutes indexed by the chunk's code bits, one vector multiply-add. For several tokens the
+  row is walked once per token; its values and codes (a few KB) stay in L1, so memory still sees
+  one pass over the layer.
 
 Work is split over output rows (``prange`` over blocks of :data:`ROW_BLOCK` rows, one
 scratch accumulator per block). Tokens are the innermost loop, so the packed values and
@@ -48,7 +54,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from hasslefree.nn.packed_intrinsics import _f32, mask_tables, masked_row_dot
+from hasslefree.nn.packed_intrinsics import _f32, host_has_avx2, mask_tables, masked_row_dot, two_four_row_dot
 
 __all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "nm_forward", "set_threads_like_torch", "unstructured_forward"]
 
@@ -87,11 +93,25 @@ def _finish_row(acc, o, U, z, bias, has_bias, y):
     rank = U.shape[1]
     for t in range(tokens):
         s = (acc[0, t] + acc[1, t]) + (acc[2, t] + acc[3, t])
-        if rank > 0:
-            low = np.float32(0.0)
-            for k in range(rank):
-                low += _f32(U[o, k]) * z[t, k]
-            s += low
+        if rank > 0:  # four partial sums (term k in partial k % 4): no single add-latency chain
+            l0 = np.float32(0.0)
+            l1 = np.float32(0.0)
+            l2 = np.float32(0.0)
+            l3 = np.float32(0.0)
+            k = 0
+            while k + 4 <= rank:
+                l0 += _f32(U[o, k]) * z[t, k]
+                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
+                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
+                l3 += _f32(U[o, k + 3]) * z[t, k + 3]
+                k += 4
+            if k < rank:
+                l0 += _f32(U[o, k]) * z[t, k]
+            if k + 1 < rank:
+                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
+            if k + 2 < rank:
+                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
+            s += (l0 + l1) + (l2 + l3)
         if has_bias:
             s += _f32(bias[o])
         y[t, o] = s
@@ -179,6 +199,21 @@ def _masked_single_token_kernel(values, offsets, codes, row_bytes, table, chunks
             _finish_row(acc, o, U, z, bias, has_bias, y)
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def _two_four_kernel(values, per_row, codes, row_bytes, chunks, x, stride, U, z, bias, has_bias, y):
+    """2:4 rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.two_four_row_dot`): row
+    ``o``'s values start at ``o · per_row`` of the flat ``values``, its codes at byte
+    ``o · row_bytes``; ``x`` is float32 tokens × ``stride`` flattened."""
+    tokens, out_f = y.shape
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.zeros((4, tokens), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            for t in range(tokens):
+                acc[0, t] = two_four_row_dot(values, o * per_row, codes, o * row_bytes, chunks, x, t * stride)
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
 def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
     count = np.zeros(256, dtype=np.int64)
     where = np.zeros((256, 8), dtype=np.int64)
@@ -191,6 +226,7 @@ def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
 
 _SET_COUNT, _SET_BITS = _set_bit_table()
 _IDENTITY_MASKS, _TWO_FOUR_MASKS = mask_tables()
+HAVE_AVX2 = host_has_avx2()  # the vpermps route for 2:4 rows
 
 
 # ----------------------------------------------------------------- torch-facing wrappers
@@ -244,7 +280,12 @@ def nm_forward(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bit
     xt = _prepare(x2d, rows)
     Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
     set_threads_like_torch()
-    if x2d.shape[0] == 1 and (n, m) == (2, 4) and in_features % 16 == 0:  # the masked-expand path
+    two_four = (n, m) == (2, 4) and in_features % 16 == 0
+    if two_four and HAVE_AVX2:  # the permute path, any token count
+        x = xt[:in_features].T.copy()
+        _two_four_kernel(_np(values).reshape(-1), values.shape[1], _np(indices), in_features // 8,
+                         in_features // 16, x.reshape(-1), in_features, Un, z, bn, has_bias, y)
+    elif two_four and x2d.shape[0] == 1:  # the masked-expand path
         per_row = values.shape[1]
         offsets = np.arange(out_f, dtype=np.int64) * per_row
         _masked_single_token_kernel(_np(values).reshape(-1), offsets, _np(indices), in_features // 8, _TWO_FOUR_MASKS,
