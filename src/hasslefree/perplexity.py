@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hasslefree.cpu_bf16 import bf16_products_in_float32
 from hasslefree.loading.context import model_context_length
 
 from .data import eval_max_windows, eval_tokens
@@ -76,7 +77,7 @@ def perplexity(
     model.eval()
     start = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), bf16_products_in_float32():
             for first in range(0, n_windows, batch_size):
                 batch = windows[first : first + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hasslefree.cpu_bf16 import bf16_products_in_float32
 from hasslefree.text_table import format_table
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def zero_shot_rows(model: Any, tokenizer: Any, tasks: Sequence[str], *, batch_si
     finally:
         hf_logger.setLevel(level)
     # piqa and winogrande load through custom_dataset, which lm-eval always warns about
-    with _dropped("lm_eval.api.task", *(f"{name}: Custom kwargs can be passed" for name in LOCAL_TASKS)):
+    with _dropped("lm_eval.api.task", *(f"{name}: Custom kwargs can be passed" for name in LOCAL_TASKS)), \
+            bf16_products_in_float32():
         out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
                               log_samples=False)
     groups = {name for name, subtasks in (out.get("group_subtasks") or {}).items() if subtasks}

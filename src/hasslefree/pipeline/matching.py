@@ -12,7 +12,7 @@ the compressed block's outputs on the calibration inputs match a target:
 
 Trained values live in float32 for the run (bfloat16 cannot hold small Adam steps); the
 forward and backward passes run under autocast in the block's dtype when that is a
-16-bit type. A run that ends with a higher loss than it started with is undone.
+16-bit type the device multiplies natively. A run that ends with a higher loss than it started with is undone.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hasslefree.cpu_bf16 import native_bf16
 from hasslefree.nn import SparseLowRankLinear
 from hasslefree.pipeline.capture import Call, run_block
 from hasslefree.pipeline.distributed import Ranks
@@ -178,7 +179,10 @@ def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], no
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision in the block's own 16-bit dtype; plain float32 otherwise."""
+    """Mixed precision in the block's own 16-bit dtype; plain float32 otherwise, and on CPUs
+    without native bfloat16 arithmetic, where bf16 products are slower than float32 ones."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16():
+        return contextlib.nullcontext()
     if dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
