@@ -163,6 +163,32 @@ def test_two_four_permute_path_matches_float64(kernels: None, monkeypatch, in_f:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, bias", LOW_RANK)
+@pytest.mark.parametrize("in_f, density", [(8, 0.5), (53, 0.05), (64, 0.3), (127, 0.5), (200, 1.0), (64, 0.0)])
+def test_bitmask_permute_path_matches_float64(kernels: None, monkeypatch, in_f: int, density: float, rank: int,
+                                              bias: bool, dtype: torch.dtype) -> None:
+    """Bit-mask rows on an AVX2 CPU, 1 to 8 tokens: the permute kernel runs (counted; not without
+    AVX2) and is within the float32 bound of float64 — its vector rows and the last rows, whose
+    8-value loads would pass the end of the values (at density 0.05 several rows; at 0 all), which
+    take the scalar walk."""
+    from hasslefree.nn import packed_kernels
+
+    calls = []
+    original = packed_kernels._bitmask_kernel
+    monkeypatch.setattr(packed_kernels, "_bitmask_kernel", lambda *a: calls.append(1) or original(*a))
+    m = make_layer(37, in_f, "unstructured", rank, bias, dtype, density=density, seed=in_f + rank)
+    p = PackedSparseLowRankLinear.from_module(m)
+    g = torch.Generator().manual_seed(13)
+    runs = 0
+    for tokens in TOKENS:
+        for scale in (1.0, 1e-3, 1e3):
+            x = (torch.randn(tokens, in_f, generator=g) * scale).to(dtype)
+            assert_close_ref(p.forward_kernel(x), m, x)
+            runs += 1
+    assert len(calls) == (runs if packed_kernels.HAVE_AVX2 else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pattern, in_f", [("2:4", 1000), ("5:300", 650), ("unstructured", 1001)])
 def test_kernel_larger_layers(kernels: None, pattern: str, in_f: int, dtype: torch.dtype) -> None:
     """Several row blocks and V blocks; 5:300 codes positions in 9 bits, across byte boundaries."""

@@ -179,6 +179,88 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
     return sig, codegen
 
 
+@intrinsic
+def bitmask_row_dot(typingctx, values, vstart, mask, mstart, nbytes, table, x, xstart):
+    """float32 Σ_b expand(values, mask byte b) · x[xstart + 8b : +8] over ``nbytes`` mask bytes
+    of a bit-mask row (AVX2 only): byte b's kept values (contiguous from ``vstart`` on) are
+    loaded 8 at a time, moved to their lanes by one ``vpermps`` whose indices (the rank of each
+    lane among the set bits) come from ``table`` (uint8 256 × 8, flattened), and the unset
+    lanes zeroed. Reads up to 7 values past the row's last one: the caller keeps that inside
+    the array. Even bytes sum into one vector, odd into another; reduced by a fixed tree."""
+    bf16 = isinstance(values.dtype, types.Integer)
+    sig = types.float32(values, vstart, mask, mstart, nbytes, table, x, xstart)
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 5, 6)]
+        i8, i16, i32, i64, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v8f, v8i32, v8i8, v8i16 = ir.VectorType(f32, 8), ir.VectorType(i32, 8), ir.VectorType(i8, 8), \
+            ir.VectorType(i16, 8)
+        module = builder.module
+        permps = cgutils.get_or_insert_function(module, ir.FunctionType(v8f, [v8f, v8i32]), "llvm.x86.avx2.permps")
+        ctpop = cgutils.get_or_insert_function(module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
+        reduce = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, v8f]),
+                                                "llvm.vector.reduce.fadd.v8f32")
+        lane_type = v8i16 if bf16 else v8f
+        vbase = builder.bitcast(arrays[0].data, lane_type.element.as_pointer())
+        mbase = builder.bitcast(arrays[1].data, i8.as_pointer())
+        tbase = builder.bitcast(arrays[2].data, i8.as_pointer())
+        xbase = builder.bitcast(arrays[3].data, f32.as_pointer())
+
+        def wide(value):
+            return builder.sext(value, i64) if value.type.width < 64 else value
+
+        mstart, xstart, count = wide(args[3]), wide(args[7]), wide(args[4])
+        taken = cgutils.alloca_once_value(builder, wide(args[1]))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in range(2)]
+        bits = ir.Constant(v8i32, [1 << j for j in range(8)])
+        zero = ir.Constant(v8i32, None)
+
+        def step(b, acc) -> None:
+            byte = builder.load(builder.gep(mbase, [builder.add(mstart, b)]))
+            spread = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(v8i32, None), builder.zext(byte, i32), ir.Constant(i32, 0)),
+                ir.Constant(v8i32, None), ir.Constant(v8i32, [0] * 8))
+            keep = builder.icmp_unsigned("!=", builder.and_(spread, bits), zero)
+            row = builder.gep(tbase, [builder.shl(builder.zext(byte, i64), ir.Constant(i64, 3))])
+            idx = builder.zext(builder.load(builder.bitcast(row, v8i8.as_pointer()), align=1), v8i32)
+            start = builder.load(taken)
+            lanes = builder.load(builder.bitcast(builder.gep(vbase, [start]), lane_type.as_pointer()),
+                                 align=2 if bf16 else 4)
+            if bf16:  # bits << 16 reinterpreted as float32: exact
+                lanes = builder.bitcast(builder.shl(builder.zext(lanes, v8i32), ir.Constant(v8i32, 16)), v8f)
+            placed = builder.select(keep, builder.call(permps, [lanes, idx]), ir.Constant(v8f, None))
+            xs = builder.load(builder.bitcast(builder.gep(xbase, [builder.add(xstart, builder.shl(b, ir.Constant(
+                i64, 3)))]), v8f.as_pointer()), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(placed, xs)), acc)
+            builder.store(builder.add(start, builder.zext(builder.call(ctpop, [byte]), i64)), taken)
+
+        pairs = builder.ashr(count, ir.Constant(i64, 1))
+        with cgutils.for_range(builder, pairs) as loop:
+            b = builder.shl(loop.index, ir.Constant(i64, 1))
+            step(b, accs[0])
+            step(builder.add(b, ir.Constant(i64, 1)), accs[1])
+        odd_count = builder.icmp_unsigned("!=", builder.and_(count, ir.Constant(i64, 1)), ir.Constant(i64, 0))
+        with builder.if_then(odd_count):
+            step(builder.sub(count, ir.Constant(i64, 1)), accs[0])
+        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        return builder.call(reduce, [ir.Constant(f32, -0.0), total], fastmath=("reassoc",))
+
+    return sig, codegen
+
+
+def expand_rank_table() -> np.ndarray:
+    """uint8 256 × 8 (flattened): for a mask byte, lane j's rank among the set bits below it
+    (where the lane's value sits among the byte's kept values); 0 for unset lanes."""
+    table = np.zeros((256, 8), dtype=np.uint8)
+    for byte in range(256):
+        rank = 0
+        for j in range(8):
+            if byte >> j & 1:
+                table[byte, j] = rank
+                rank += 1
+    return table.reshape(-1)
+
+
 def host_has_avx2() -> bool:
     """Whether the CPU numba compiles for has AVX2 (``vpermps``), for :func:`two_four_row_dot`."""
     import llvmlite.binding as llvm

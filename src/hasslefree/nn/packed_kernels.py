@@ -17,8 +17,13 @@ costs one pass over the packed W_S. The kernels make exactly that pass:
   byte, the row's first value comes from per-row offsets (the running popcount of the mask,
   computed once per layer by the caller).
 
+* **bit-mask rows on AVX2 CPUs, 1 to ``decode_tokens`` tokens** —
+  :func:`~hasslefree.nn.packed_intrinsics.bitmask_row_dot`: per mask byte, 8 values from the
+  row's next kept one are moved to their lanes by one ``vpermps`` (indices: each lane's rank
+  among the byte's set bits, from a table) and the unset lanes zeroed; one vector multiply-add
+  with the 8 contiguous inputs.
 * **one token, 2:4 (input width a multiple of 16) or a bit mask with an even number of bytes
-  per row** — :func:`~hasslefree.nn.packed_intrinsics.masked_row_dot`: 16 inputs at a time,
+  per row, without AVX2** — :func:`~hasslefree.nn.packed_intrinsics.masked_row_dot`: 16 inputs at a time,
   the kept values expanded over their lanes by the chunk's keep mask and one vector FMA with
   the 16 contiguous inputs (no gathers; ``vpexpand`` on AVX-512). Its 16 lanes are summed by a
   fixed tree at the end of the row.
@@ -42,6 +47,9 @@ so a bfloat16 layer rounds once, at the output.
 bfloat16: numba has no bf16 type, so bf16 tensors are passed as their int16 bit patterns
 and widened in the kernel (``bits << 16`` reinterpreted as float32, exact). float32 tensors
 pass as they are. Inputs are converted to float32 once per call (exact for bf16).
+
+The kernels themselves live in :mod:`hasslefree.nn.packed_row_kernels`; this module converts
+tensors and picks the route.
 """
 
 from __future__ import annotations
@@ -51,182 +59,17 @@ import math
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
 from torch import Tensor
 
-from hasslefree.nn.packed_intrinsics import _f32, host_has_avx2, mask_tables, masked_row_dot, two_four_row_dot
+from hasslefree.nn.packed_intrinsics import host_has_avx2
+from hasslefree.nn.packed_row_kernels import (_EXPAND_RANKS, _IDENTITY_MASKS, _SET_BITS, _SET_COUNT, _TWO_FOUR_MASKS,
+                                              ROW_BLOCK, _bitmask_kernel, _masked_single_token_kernel, _nm_kernel,
+                                              _two_four_kernel, _unstructured_kernel, _xv_kernel)
 
 __all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "nm_forward", "set_threads_like_torch", "unstructured_forward"]
 
-ROW_BLOCK = 8  # output rows per parallel work item
-V_BLOCK = 256  # rows of V per partial sum of x V (fixed, so results do not depend on threads)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-
-
-# ----------------------------------------------------------------- kernels
-@njit(parallel=True, cache=True, fastmath=False)
-def _xv_kernel(xt, V, n_in):
-    """z (tokens × r) = x V in float32; ``xt`` is x transposed (≥ n_in rows × tokens)."""
-    tokens = xt.shape[1]
-    rank = V.shape[1]
-    blocks = (n_in + V_BLOCK - 1) // V_BLOCK
-    partial = np.zeros((blocks, tokens, rank), dtype=np.float32)
-    for blk in prange(blocks):
-        i1 = min((blk + 1) * V_BLOCK, n_in)
-        for i in range(blk * V_BLOCK, i1):
-            for t in range(tokens):
-                xi = xt[i, t]
-                for k in range(rank):
-                    partial[blk, t, k] += xi * _f32(V[i, k])
-    z = np.zeros((tokens, rank), dtype=np.float32)
-    for blk in range(blocks):
-        for t in range(tokens):
-            for k in range(rank):
-                z[t, k] += partial[blk, t, k]
-    return z
-
-
-@njit(cache=True, fastmath=False, inline="always")
-def _finish_row(acc, o, U, z, bias, has_bias, y):
-    """y[:, o] = (Σ partials) + U[o] · z[t] + bias[o], in float32."""
-    tokens = y.shape[0]
-    rank = U.shape[1]
-    for t in range(tokens):
-        s = (acc[0, t] + acc[1, t]) + (acc[2, t] + acc[3, t])
-        if rank > 0:  # four partial sums (term k in partial k % 4): no single add-latency chain
-            l0 = np.float32(0.0)
-            l1 = np.float32(0.0)
-            l2 = np.float32(0.0)
-            l3 = np.float32(0.0)
-            k = 0
-            while k + 4 <= rank:
-                l0 += _f32(U[o, k]) * z[t, k]
-                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
-                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
-                l3 += _f32(U[o, k + 3]) * z[t, k + 3]
-                k += 4
-            if k < rank:
-                l0 += _f32(U[o, k]) * z[t, k]
-            if k + 1 < rank:
-                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
-            if k + 2 < rank:
-                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
-            s += (l0 + l1) + (l2 + l3)
-        if has_bias:
-            s += _f32(bias[o])
-        y[t, o] = s
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _nm_kernel(values, indices, n, m, bits, xt, U, z, bias, has_bias, y):
-    """N:M rows: ``values`` (out × groups·n), ``indices`` the packed position stream, ``xt`` x
-    transposed and zero-padded to ≥ (groups - 1)·m + 2**bits rows (any code stays in range)."""
-    out_f, per_row = values.shape
-    tokens = xt.shape[1]
-    groups = per_row // n
-    code_mask = (1 << bits) - 1
-    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
-    for blk in prange(row_blocks):
-        acc = np.empty((4, tokens), dtype=np.float32)
-        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
-            acc[:, :] = 0.0
-            start = o * per_row * bits
-            byte = start >> 3
-            skip = start & 7  # bits of the first byte that belong to the previous row
-            buf = 0
-            have = 0
-            j = 0
-            for g in range(groups):
-                lane = g & 3
-                base = g * m
-                for _ in range(n):
-                    while have < bits:  # refill only what the next code needs: never past the stream
-                        buf |= (np.int64(indices[byte]) >> skip) << have
-                        have += 8 - skip
-                        skip = 0
-                        byte += 1
-                    col = base + (buf & code_mask)
-                    buf >>= bits
-                    have -= bits
-                    v = _f32(values[o, j])
-                    j += 1
-                    for t in range(tokens):
-                        acc[lane, t] += v * xt[col, t]
-            _finish_row(acc, o, U, z, bias, has_bias, y)
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _unstructured_kernel(mask, values, offsets, set_count, set_bits, xt, U, z, bias, has_bias, y):
-    """Bit-mask rows: ``mask`` (out × ⌈in/8⌉), ``values`` the nonzeros row-major, ``offsets`` the
-    first value of every row, ``set_count``/``set_bits`` the 256-entry set-bit table, ``xt`` x
-    transposed and zero-padded to ⌈in/8⌉·8 rows."""
-    out_f, row_bytes = mask.shape
-    tokens = xt.shape[1]
-    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
-    for blk in prange(row_blocks):
-        acc = np.empty((4, tokens), dtype=np.float32)
-        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
-            acc[:, :] = 0.0
-            j = offsets[o]
-            for b in range(row_bytes):
-                byte = mask[o, b]
-                count = set_count[byte]
-                if count == 0:
-                    continue
-                lane = b & 3
-                base = b * 8
-                for k in range(count):
-                    col = base + set_bits[byte, k]
-                    v = _f32(values[j])
-                    j += 1
-                    for t in range(tokens):
-                        acc[lane, t] += v * xt[col, t]
-            _finish_row(acc, o, U, z, bias, has_bias, y)
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _masked_single_token_kernel(values, offsets, codes, row_bytes, table, chunks, x, U, z, bias, has_bias, y):
-    """One token, rows whose keep masks come 16 inputs per two code bytes (see
-    :func:`~hasslefree.nn.packed_intrinsics.masked_row_dot`): row ``o``'s values start at
-    ``offsets[o]`` of the flat ``values`` and its codes at byte ``o · row_bytes``; ``x`` is
-    float32, zero-padded to 16·chunks."""
-    out_f = y.shape[1]
-    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
-    for blk in prange(row_blocks):
-        acc = np.zeros((4, 1), dtype=np.float32)
-        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
-            acc[0, 0] = masked_row_dot(values[offsets[o]:], codes, o * row_bytes, table, chunks, x)
-            _finish_row(acc, o, U, z, bias, has_bias, y)
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _two_four_kernel(values, per_row, codes, row_bytes, chunks, x, stride, U, z, bias, has_bias, y):
-    """2:4 rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.two_four_row_dot`): row
-    ``o``'s values start at ``o · per_row`` of the flat ``values``, its codes at byte
-    ``o · row_bytes``; ``x`` is float32 tokens × ``stride`` flattened."""
-    tokens, out_f = y.shape
-    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
-    for blk in prange(row_blocks):
-        acc = np.zeros((4, tokens), dtype=np.float32)
-        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
-            for t in range(tokens):
-                acc[0, t] = two_four_row_dot(values, o * per_row, codes, o * row_bytes, chunks, x, t * stride)
-            _finish_row(acc, o, U, z, bias, has_bias, y)
-
-
-def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
-    count = np.zeros(256, dtype=np.int64)
-    where = np.zeros((256, 8), dtype=np.int64)
-    for byte in range(256):
-        cols = [j for j in range(8) if byte >> j & 1]
-        count[byte] = len(cols)
-        where[byte, : len(cols)] = cols
-    return count, where
-
-
-_SET_COUNT, _SET_BITS = _set_bit_table()
-_IDENTITY_MASKS, _TWO_FOUR_MASKS = mask_tables()
-HAVE_AVX2 = host_has_avx2()  # the vpermps route for 2:4 rows
+HAVE_AVX2 = host_has_avx2()  # the permute routes for 2:4 and bit-mask rows
 
 
 # ----------------------------------------------------------------- torch-facing wrappers
@@ -297,13 +140,19 @@ def nm_forward(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bit
 
 def unstructured_forward(x2d: Tensor, mask: Tensor, values: Tensor, offsets: Tensor, in_features: int,
                          U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
-    """(tokens × in) → (tokens × out) for a bit-mask layer; ``offsets`` (int64, ≥ out entries)
-    holds the index of every row's first value."""
+    """(tokens × in) → (tokens × out) for a bit-mask layer; ``offsets`` (int64, out + 1
+    entries) holds the index of every row's first value, then the number of values."""
     out_f, row_bytes = mask.shape
+    if offsets.numel() != out_f + 1:
+        raise ValueError(f"offsets hold {offsets.numel()} entries, expected {out_f + 1}")
     xt = _prepare(x2d, max(in_features, row_bytes * 8))
     Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
     set_threads_like_torch()
-    if x2d.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
+    if HAVE_AVX2:  # the permute path, any token count
+        x = xt.T.copy()
+        _bitmask_kernel(_np(mask), _np(values), _np(offsets), _SET_COUNT, _SET_BITS, _EXPAND_RANKS, x.reshape(-1),
+                        x.shape[1], Un, z, bn, has_bias, y)
+    elif x2d.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
         _masked_single_token_kernel(_np(values), _np(offsets), _np(mask), row_bytes, _IDENTITY_MASKS, row_bytes // 2,
                                     xt.reshape(-1), Un, z, bn, has_bias, y)
     else:

@@ -1,0 +1,211 @@
+"""The numba row kernels behind :mod:`hasslefree.nn.packed_kernels` (its docstring has the
+layouts, the summation order and the routes): every kernel walks blocks of :data:`ROW_BLOCK`
+output rows in parallel and finishes each row with the fused low-rank term and bias."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from hasslefree.nn.packed_intrinsics import (_f32, bitmask_row_dot, expand_rank_table, mask_tables, masked_row_dot,
+                                              two_four_row_dot)
+
+ROW_BLOCK = 8  # output rows per parallel work item
+V_BLOCK = 256  # rows of V per partial sum of x V (fixed, so results do not depend on threads)
+
+
+# ----------------------------------------------------------------- kernels
+@njit(parallel=True, cache=True, fastmath=False)
+def _xv_kernel(xt, V, n_in):
+    """z (tokens × r) = x V in float32; ``xt`` is x transposed (≥ n_in rows × tokens)."""
+    tokens = xt.shape[1]
+    rank = V.shape[1]
+    blocks = (n_in + V_BLOCK - 1) // V_BLOCK
+    partial = np.zeros((blocks, tokens, rank), dtype=np.float32)
+    for blk in prange(blocks):
+        i1 = min((blk + 1) * V_BLOCK, n_in)
+        for i in range(blk * V_BLOCK, i1):
+            for t in range(tokens):
+                xi = xt[i, t]
+                for k in range(rank):
+                    partial[blk, t, k] += xi * _f32(V[i, k])
+    z = np.zeros((tokens, rank), dtype=np.float32)
+    for blk in range(blocks):
+        for t in range(tokens):
+            for k in range(rank):
+                z[t, k] += partial[blk, t, k]
+    return z
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _finish_row(acc, o, U, z, bias, has_bias, y):
+    """y[:, o] = (Σ partials) + U[o] · z[t] + bias[o], in float32."""
+    tokens = y.shape[0]
+    rank = U.shape[1]
+    for t in range(tokens):
+        s = (acc[0, t] + acc[1, t]) + (acc[2, t] + acc[3, t])
+        if rank > 0:  # four partial sums (term k in partial k % 4): no single add-latency chain
+            l0 = np.float32(0.0)
+            l1 = np.float32(0.0)
+            l2 = np.float32(0.0)
+            l3 = np.float32(0.0)
+            k = 0
+            while k + 4 <= rank:
+                l0 += _f32(U[o, k]) * z[t, k]
+                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
+                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
+                l3 += _f32(U[o, k + 3]) * z[t, k + 3]
+                k += 4
+            if k < rank:
+                l0 += _f32(U[o, k]) * z[t, k]
+            if k + 1 < rank:
+                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
+            if k + 2 < rank:
+                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
+            s += (l0 + l1) + (l2 + l3)
+        if has_bias:
+            s += _f32(bias[o])
+        y[t, o] = s
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _nm_kernel(values, indices, n, m, bits, xt, U, z, bias, has_bias, y):
+    """N:M rows: ``values`` (out × groups·n), ``indices`` the packed position stream, ``xt`` x
+    transposed and zero-padded to ≥ (groups - 1)·m + 2**bits rows (any code stays in range)."""
+    out_f, per_row = values.shape
+    tokens = xt.shape[1]
+    groups = per_row // n
+    code_mask = (1 << bits) - 1
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.empty((4, tokens), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            acc[:, :] = 0.0
+            start = o * per_row * bits
+            byte = start >> 3
+            skip = start & 7  # bits of the first byte that belong to the previous row
+            buf = 0
+            have = 0
+            j = 0
+            for g in range(groups):
+                lane = g & 3
+                base = g * m
+                for _ in range(n):
+                    while have < bits:  # refill only what the next code needs: never past the stream
+                        buf |= (np.int64(indices[byte]) >> skip) << have
+                        have += 8 - skip
+                        skip = 0
+                        byte += 1
+                    col = base + (buf & code_mask)
+                    buf >>= bits
+                    have -= bits
+                    v = _f32(values[o, j])
+                    j += 1
+                    for t in range(tokens):
+                        acc[lane, t] += v * xt[col, t]
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _unstructured_kernel(mask, values, offsets, set_count, set_bits, xt, U, z, bias, has_bias, y):
+    """Bit-mask rows: ``mask`` (out × ⌈in/8⌉), ``values`` the nonzeros row-major, ``offsets`` the
+    first value of every row, ``set_count``/``set_bits`` the 256-entry set-bit table, ``xt`` x
+    transposed and zero-padded to ⌈in/8⌉·8 rows."""
+    out_f, row_bytes = mask.shape
+    tokens = xt.shape[1]
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.empty((4, tokens), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            acc[:, :] = 0.0
+            j = offsets[o]
+            for b in range(row_bytes):
+                byte = mask[o, b]
+                count = set_count[byte]
+                if count == 0:
+                    continue
+                lane = b & 3
+                base = b * 8
+                for k in range(count):
+                    col = base + set_bits[byte, k]
+                    v = _f32(values[j])
+                    j += 1
+                    for t in range(tokens):
+                        acc[lane, t] += v * xt[col, t]
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _masked_single_token_kernel(values, offsets, codes, row_bytes, table, chunks, x, U, z, bias, has_bias, y):
+    """One token, rows whose keep masks come 16 inputs per two code bytes (see
+    :func:`~hasslefree.nn.packed_intrinsics.masked_row_dot`): row ``o``'s values start at
+    ``offsets[o]`` of the flat ``values`` and its codes at byte ``o · row_bytes``; ``x`` is
+    float32, zero-padded to 16·chunks."""
+    out_f = y.shape[1]
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.zeros((4, 1), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            acc[0, 0] = masked_row_dot(values[offsets[o]:], codes, o * row_bytes, table, chunks, x)
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _two_four_kernel(values, per_row, codes, row_bytes, chunks, x, stride, U, z, bias, has_bias, y):
+    """2:4 rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.two_four_row_dot`): row
+    ``o``'s values start at ``o · per_row`` of the flat ``values``, its codes at byte
+    ``o · row_bytes``; ``x`` is float32 tokens × ``stride`` flattened."""
+    tokens, out_f = y.shape
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.zeros((4, tokens), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            for t in range(tokens):
+                acc[0, t] = two_four_row_dot(values, o * per_row, codes, o * row_bytes, chunks, x, t * stride)
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _bitmask_kernel(mask, values, offsets, set_count, set_bits, table, x, stride, U, z, bias, has_bias, y):
+    """Bit-mask rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.bitmask_row_dot`),
+    1 to ``decode_tokens`` tokens; ``x`` float32 tokens × ``stride`` (≥ 8 · row bytes, zero
+    padded) flattened. The last rows, whose 8-value loads would run past the stored values,
+    take the scalar walk of :func:`_unstructured_kernel` instead."""
+    out_f, row_bytes = mask.shape
+    tokens = y.shape[0]
+    total = values.shape[0]
+    row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
+    for blk in prange(row_blocks):
+        acc = np.zeros((4, tokens), dtype=np.float32)
+        for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
+            if offsets[o + 1] + 8 <= total:
+                for t in range(tokens):
+                    acc[0, t] = bitmask_row_dot(values, offsets[o], mask, o * row_bytes, row_bytes, table, x,
+                                                t * stride)
+            else:
+                acc[:, :] = 0.0
+                j = offsets[o]
+                for b in range(row_bytes):
+                    byte = mask[o, b]
+                    base = b * 8
+                    for k in range(set_count[byte]):
+                        v = _f32(values[j])
+                        j += 1
+                        for t in range(tokens):
+                            acc[b & 3, t] += v * x[t * stride + base + set_bits[byte, k]]
+            _finish_row(acc, o, U, z, bias, has_bias, y)
+
+
+def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
+    count = np.zeros(256, dtype=np.int64)
+    where = np.zeros((256, 8), dtype=np.int64)
+    for byte in range(256):
+        cols = [j for j in range(8) if byte >> j & 1]
+        count[byte] = len(cols)
+        where[byte, : len(cols)] = cols
+    return count, where
+
+
+_SET_COUNT, _SET_BITS = _set_bit_table()
+_IDENTITY_MASKS, _TWO_FOUR_MASKS = mask_tables()
+_EXPAND_RANKS = expand_rank_table()
