@@ -29,9 +29,10 @@ __all__ = ["MIN_ROWS", "Float32Products", "bf16_products_in_float32", "native_bf
 
 MIN_ROWS = 32  # rows of the left operand from which a bf16 product is computed in float32
 
+# attention is left out: torch's fused bf16 attention is faster than the float32 one (72 vs 86 ms
+# for 9 heads × 2048 positions on 2 Zen 3 cores)
 _PRODUCTS = frozenset({F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
-                       torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm,
-                       F.scaled_dot_product_attention})
+                       torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm})
 
 
 def native_bf16() -> bool:
