@@ -137,6 +137,25 @@ def test_masked_expand_path_matches_float64(kernels: None, monkeypatch, pattern:
     assert len(calls) == 3
 
 
+def _check_avx2_route(monkeypatch: pytest.MonkeyPatch, kernel: str, m: SparseLowRankLinear, seed: int) -> None:
+    """1, 3 and 8 tokens at input scales far from 1: within the float32 bound of float64, and
+    the AVX2 kernel ``kernel`` ran every time (never on a CPU without AVX2)."""
+    from hasslefree.nn import packed_kernels
+
+    calls = []
+    original = getattr(packed_kernels, kernel)
+    monkeypatch.setattr(packed_kernels, kernel, lambda *a: calls.append(1) or original(*a))
+    p = PackedSparseLowRankLinear.from_module(m)
+    g = torch.Generator().manual_seed(seed)
+    runs = 0
+    for tokens in TOKENS:
+        for scale in (1.0, 1e-3, 1e3):
+            x = (torch.randn(tokens, m.in_features, generator=g) * scale).to(m.sparse_weight.dtype)
+            assert_close_ref(p.forward_kernel(x), m, x)
+            runs += 1
+    assert len(calls) == (runs if packed_kernels.HAVE_AVX2 else 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank, bias", LOW_RANK + [(7, True)])  # 7: a low-rank tail past the 4 partial sums
 @pytest.mark.parametrize("in_f", [16, 48, 112, 1024])  # 1, 3 (odd), 7 and 64 chunks of 16 inputs
@@ -145,21 +164,8 @@ def test_two_four_permute_path_matches_float64(kernels: None, monkeypatch, in_f:
     """2:4 rows of a width divisible by 16 on an AVX2 CPU, 1 to 8 tokens: the permute kernel runs
     (counted; on a CPU without AVX2 it must not) and is within the float32 bound of float64,
     at input scales far from 1."""
-    from hasslefree.nn import packed_kernels
-
-    calls = []
-    original = packed_kernels._two_four_kernel
-    monkeypatch.setattr(packed_kernels, "_two_four_kernel", lambda *a: calls.append(1) or original(*a))
     m = make_layer(45, in_f, "2:4", rank, bias, dtype, seed=in_f + rank)  # 45 rows: a partial row block
-    p = PackedSparseLowRankLinear.from_module(m)
-    g = torch.Generator().manual_seed(11)
-    runs = 0
-    for tokens in TOKENS:
-        for scale in (1.0, 1e-3, 1e3):
-            x = (torch.randn(tokens, in_f, generator=g) * scale).to(dtype)
-            assert_close_ref(p.forward_kernel(x), m, x)
-            runs += 1
-    assert len(calls) == (runs if packed_kernels.HAVE_AVX2 else 0)
+    _check_avx2_route(monkeypatch, "_two_four_kernel", m, seed=11)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -171,21 +177,8 @@ def test_bitmask_permute_path_matches_float64(kernels: None, monkeypatch, in_f: 
     AVX2) and is within the float32 bound of float64 — its vector rows and the last rows, whose
     8-value loads would pass the end of the values (at density 0.05 several rows; at 0 all), which
     take the scalar walk."""
-    from hasslefree.nn import packed_kernels
-
-    calls = []
-    original = packed_kernels._bitmask_kernel
-    monkeypatch.setattr(packed_kernels, "_bitmask_kernel", lambda *a: calls.append(1) or original(*a))
     m = make_layer(37, in_f, "unstructured", rank, bias, dtype, density=density, seed=in_f + rank)
-    p = PackedSparseLowRankLinear.from_module(m)
-    g = torch.Generator().manual_seed(13)
-    runs = 0
-    for tokens in TOKENS:
-        for scale in (1.0, 1e-3, 1e3):
-            x = (torch.randn(tokens, in_f, generator=g) * scale).to(dtype)
-            assert_close_ref(p.forward_kernel(x), m, x)
-            runs += 1
-    assert len(calls) == (runs if packed_kernels.HAVE_AVX2 else 0)
+    _check_avx2_route(monkeypatch, "_bitmask_kernel", m, seed=13)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -18,6 +18,8 @@ the 8 kept values multiply. Two accumulators (even and odd chunks) hide the add 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
@@ -109,6 +111,25 @@ def masked_row_dot(typingctx, values, codes, cstart, table, nchunks, x):
     return sig, codegen
 
 
+def _even_odd_sum(builder: ir.IRBuilder, count: ir.Value, step: Any, vector: ir.VectorType) -> ir.Value:
+    """Emit ``step(i, acc)`` for i in [0, count) — even i into one float vector accumulator, odd
+    into another, so consecutive adds do not wait on each other — and return the float32 sum of
+    (even + odd)'s lanes (a fixed tree)."""
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, vector]),
+                                            f"llvm.vector.reduce.fadd.v{vector.count}f32")
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vector, None)) for _ in range(2)]
+    with cgutils.for_range(builder, builder.ashr(count, ir.Constant(i64, 1))) as loop:
+        i = builder.shl(loop.index, ir.Constant(i64, 1))
+        step(i, accs[0])
+        step(builder.add(i, ir.Constant(i64, 1)), accs[1])
+    odd = builder.icmp_unsigned("!=", builder.and_(count, ir.Constant(i64, 1)), ir.Constant(i64, 0))
+    with builder.if_then(odd):
+        step(builder.sub(count, ir.Constant(i64, 1)), accs[0])
+    total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+    return builder.call(reduce, [ir.Constant(f32, -0.0), total], fastmath=("reassoc",))
+
+
 @intrinsic
 def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstart):
     """float32 Σ_c values[vstart + 8c : +8] · (the 8 kept inputs of x[xstart + 16c : +16]) over
@@ -127,8 +148,6 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
         module = builder.module
         permil = cgutils.get_or_insert_function(module, ir.FunctionType(v8f, [v8f, v8i32]),
                                                 "llvm.x86.avx.vpermilvar.ps.256")
-        reduce = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, v8f]),
-                                                "llvm.vector.reduce.fadd.v8f32")
         lane_type = v8i16 if bf16 else v8f
         vbase = builder.bitcast(arrays[0].data, lane_type.element.as_pointer())
         cbase = builder.bitcast(arrays[1].data, i16.as_pointer())
@@ -139,7 +158,6 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
 
         vstart, xstart, count = wide(args[1]), wide(args[6]), wide(args[4])
         cstart = builder.ashr(wide(args[3]), ir.Constant(i64, 1))  # in 16-bit words
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in range(2)]
         # lane j of the output takes its position from bits 2j, 2j + 1 of the chunk's code;
         # vpermilps reads only the low two bits of each index
         shifts = ir.Constant(v8i32, [0, 2, 4, 6, 8, 10, 12, 14])
@@ -165,16 +183,7 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
                 lanes = builder.bitcast(builder.shl(builder.zext(lanes, v8i32), ir.Constant(v8i32, 16)), v8f)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(lanes, picked)), acc)
 
-        pairs = builder.ashr(count, ir.Constant(i64, 1))
-        with cgutils.for_range(builder, pairs) as loop:
-            c = builder.shl(loop.index, ir.Constant(i64, 1))
-            chunk(c, accs[0])
-            chunk(builder.add(c, ir.Constant(i64, 1)), accs[1])
-        odd_count = builder.icmp_unsigned("!=", builder.and_(count, ir.Constant(i64, 1)), ir.Constant(i64, 0))
-        with builder.if_then(odd_count):
-            chunk(builder.sub(count, ir.Constant(i64, 1)), accs[0])
-        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        return builder.call(reduce, [ir.Constant(f32, -0.0), total], fastmath=("reassoc",))
+        return _even_odd_sum(builder, count, chunk, v8f)
 
     return sig, codegen
 
@@ -198,8 +207,6 @@ def bitmask_row_dot(typingctx, values, vstart, mask, mstart, nbytes, table, x, x
         module = builder.module
         permps = cgutils.get_or_insert_function(module, ir.FunctionType(v8f, [v8f, v8i32]), "llvm.x86.avx2.permps")
         ctpop = cgutils.get_or_insert_function(module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
-        reduce = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32, v8f]),
-                                                "llvm.vector.reduce.fadd.v8f32")
         lane_type = v8i16 if bf16 else v8f
         vbase = builder.bitcast(arrays[0].data, lane_type.element.as_pointer())
         mbase = builder.bitcast(arrays[1].data, i8.as_pointer())
@@ -211,7 +218,6 @@ def bitmask_row_dot(typingctx, values, vstart, mask, mstart, nbytes, table, x, x
 
         mstart, xstart, count = wide(args[3]), wide(args[7]), wide(args[4])
         taken = cgutils.alloca_once_value(builder, wide(args[1]))
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in range(2)]
         bits = ir.Constant(v8i32, [1 << j for j in range(8)])
         zero = ir.Constant(v8i32, None)
 
@@ -234,16 +240,7 @@ def bitmask_row_dot(typingctx, values, vstart, mask, mstart, nbytes, table, x, x
             builder.store(builder.fadd(builder.load(acc), builder.fmul(placed, xs)), acc)
             builder.store(builder.add(start, builder.zext(builder.call(ctpop, [byte]), i64)), taken)
 
-        pairs = builder.ashr(count, ir.Constant(i64, 1))
-        with cgutils.for_range(builder, pairs) as loop:
-            b = builder.shl(loop.index, ir.Constant(i64, 1))
-            step(b, accs[0])
-            step(builder.add(b, ir.Constant(i64, 1)), accs[1])
-        odd_count = builder.icmp_unsigned("!=", builder.and_(count, ir.Constant(i64, 1)), ir.Constant(i64, 0))
-        with builder.if_then(odd_count):
-            step(builder.sub(count, ir.Constant(i64, 1)), accs[0])
-        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        return builder.call(reduce, [ir.Constant(f32, -0.0), total], fastmath=("reassoc",))
+        return _even_odd_sum(builder, count, step, v8f)
 
     return sig, codegen
 
