@@ -57,15 +57,19 @@ def test_gradients_flow_through_the_float32_product() -> None:
     assert torch.equal(w.grad, x.detach().float().sum(0).expand(5, 12).bfloat16())
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_enabled_only_without_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+@pytest.mark.parametrize("native, env", [(True, None), (False, None), (False, "1"), (False, "0")])
+def test_enabled_only_without_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool, env: str | None) -> None:
     monkeypatch.setattr(cpu_bf16, "native_bf16", lambda: native)
+    if env is None:
+        monkeypatch.delenv(cpu_bf16.NATIVE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_bf16.NATIVE_ENV, env)
     seen = []
     monkeypatch.setattr(Float32Products, "__enter__", lambda self: seen.append(1) or self)
     monkeypatch.setattr(Float32Products, "__exit__", lambda self, *a: None)
     with bf16_products_in_float32():
         pass
-    assert seen == ([] if native else [1])
+    assert seen == ([] if native or env == "1" else [1])
 
 
 def test_model_logits_match_native_bf16() -> None:

@@ -11,12 +11,14 @@ bfloat16 operands (exact conversions) and rounds the result once to bfloat16: wh
 bfloat16 kernel with float32 accumulation computes, up to the order of the sums. Only
 products with at least :data:`MIN_ROWS` rows are converted (prefill, calibration, evaluation);
 for a few rows (decode) the conversion of the weight would cost more than it saves. Tensors on
-other devices and in other dtypes pass through untouched.
+other devices and in other dtypes pass through untouched. ``HASSLEFREE_NATIVE_BF16=1`` keeps
+torch's own bf16 products everywhere (to reproduce a run on another CPU, or to time the two).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +27,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["MIN_ROWS", "Float32Products", "bf16_products_in_float32", "native_bf16"]
+__all__ = ["MIN_ROWS", "NATIVE_ENV", "Float32Products", "bf16_products_in_float32", "native_bf16"]
+
+NATIVE_ENV = "HASSLEFREE_NATIVE_BF16"
 
 MIN_ROWS = 32  # rows of the left operand from which a bf16 product is computed in float32
 
@@ -66,9 +70,9 @@ class Float32Products(TorchFunctionMode):
 @contextlib.contextmanager
 def bf16_products_in_float32(enabled: bool | None = None) -> Iterator[None]:
     """Within the block, large bfloat16 CPU products run in float32 (``enabled=None``: only
-    where :func:`native_bf16` is false)."""
+    where :func:`native_bf16` is false and ``HASSLEFREE_NATIVE_BF16`` is not set to 1)."""
     if enabled is None:
-        enabled = not native_bf16()
+        enabled = not native_bf16() and os.environ.get(NATIVE_ENV, "") != "1"
     if not enabled:
         yield
         return
