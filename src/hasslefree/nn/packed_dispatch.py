@@ -82,17 +82,33 @@ def row_offsets(layer: Any) -> Tensor:
     return offsets
 
 
-def run_kernel(kernels: ModuleType, layer: Any, x2d: Tensor) -> Tensor:
-    """y for a call :func:`kernels_for` accepted (the layer's packed buffers, U, V, bias)."""
+def _arrays(kernels: ModuleType, layer: Any) -> Any:
+    """The layer's buffers as the kernels take them, made once and kept as a plain attribute
+    until any of the tensors is replaced or changed in place."""
+    codes = layer.indices if layer.kind == "nm" else layer.mask
+    tensors = (layer.values, codes, layer.U, layer.V, layer.bias)
+    versions = tuple(-1 if t is None else t._version for t in tensors)
+    cached = layer.__dict__.get("_kernel_arrays")  # (the tensors themselves, their versions, arrays)
+    if (cached is not None and cached[1] == versions
+            and all(a is b for a, b in zip(cached[0], tensors))):
+        return cached[2]
+    offsets = row_offsets(layer) if layer.kind != "nm" else None
     if layer.kind == "nm":
         per_row = math.ceil(layer.in_features / layer.m) * layer.n
-        if layer.indices.numel() != math.ceil(layer.out_features * per_row * layer.bits / 8):
-            raise ValueError(f"indices hold {layer.indices.numel()} bytes, expected "
-                             f"{math.ceil(layer.out_features * per_row * layer.bits / 8)}")
-        return kernels.nm_forward(x2d, layer.values, layer.indices, layer.n, layer.m, layer.bits, layer.in_features,
-                                  layer.U, layer.V, layer.bias)
-    return kernels.unstructured_forward(x2d, layer.mask, layer.values, row_offsets(layer), layer.in_features,
-                                        layer.U, layer.V, layer.bias)
+        expected = math.ceil(layer.out_features * per_row * layer.bits / 8)
+        if codes.numel() != expected:
+            raise ValueError(f"indices hold {codes.numel()} bytes, expected {expected}")
+    arrays = kernels.layer_arrays(layer.values, codes, layer.U, layer.V, layer.bias, offsets)
+    layer.__dict__["_kernel_arrays"] = (tensors, versions, arrays)
+    return arrays
+
+
+def run_kernel(kernels: ModuleType, layer: Any, x2d: Tensor) -> Tensor:
+    """y for a call :func:`kernels_for` accepted (the layer's packed buffers, U, V, bias)."""
+    arrays = _arrays(kernels, layer)
+    if arrays.offsets is None:
+        return kernels.nm_forward(x2d, arrays, layer.n, layer.m, layer.bits, layer.in_features)
+    return kernels.unstructured_forward(x2d, arrays, layer.in_features)
 
 
 @torch.no_grad()

@@ -55,6 +55,8 @@ tensors and picks the route.
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -64,21 +66,54 @@ from torch import Tensor
 from hasslefree.nn.packed_intrinsics import host_has_avx2
 from hasslefree.nn.packed_row_kernels import (_EXPAND_RANKS, _IDENTITY_MASKS, _SET_BITS, _SET_COUNT, _TWO_FOUR_MASKS,
                                               ROW_BLOCK, _bitmask_kernel, _masked_single_token_kernel, _nm_kernel,
-                                              _two_four_kernel, _unstructured_kernel, _xv_kernel)
+                                              _two_four_kernel, _unstructured_kernel, _xv_kernel,
+                                              _xv_serial)
 
-__all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "nm_forward", "set_threads_like_torch", "unstructured_forward"]
+__all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "LayerArrays", "layer_arrays", "nm_forward", "set_threads_like_torch",
+           "unstructured_forward"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 HAVE_AVX2 = host_has_avx2()  # the permute routes for 2:4 and bit-mask rows
+XV_PARALLEL_MACS = 1 << 18  # below this, x V runs on one thread: starting the others costs more
 
 
 # ----------------------------------------------------------------- torch-facing wrappers
+@dataclass(frozen=True)
+class LayerArrays:
+    """A packed layer's buffers as numpy views (bf16 as int16 bit patterns), made once per layer
+    and kept by the caller while the tensors stay unchanged: converting five tensors on every
+    decode call costs more than the kernel on small layers."""
+
+    values: np.ndarray  # N:M: out × per_row; bit mask: the nonzeros, 1-D
+    codes: np.ndarray  # N:M: the position bit stream; bit mask: out × ⌈in/8⌉
+    U: np.ndarray
+    V: np.ndarray
+    bias: np.ndarray  # empty without a bias
+    has_bias: bool
+    offsets: np.ndarray | None = None  # bit mask: first value of every row, then the count
+
+
+def layer_arrays(values: Tensor, codes: Tensor, U: Tensor, V: Tensor, bias: Tensor | None,
+                 offsets: Tensor | None = None) -> LayerArrays:
+    Un = _np(U)
+    return LayerArrays(_np(values), _np(codes), Un, _np(V), _np(bias) if bias is not None else np.zeros(0, Un.dtype),
+                       bias is not None, None if offsets is None else _np(offsets))
+
+
+_threads = threading.local()  # the torch thread count numba was last set to, per calling thread
+
+
 def set_threads_like_torch() -> None:
     """Run the kernels on as many threads as torch uses (``torch.set_num_threads``), capped by
-    numba's pool size (``NUMBA_NUM_THREADS``). numba's setting is per calling thread."""
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba's pool size (``NUMBA_NUM_THREADS``). numba's setting is per calling thread; it is
+    changed only when torch's count has (asking numba costs more than a small layer's kernel)."""
+    torch_threads = torch.get_num_threads()
+    if getattr(_threads, "torch", None) == torch_threads:
+        return
+    want = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != want:
         numba.set_num_threads(want)
+    _threads.torch = torch_threads
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -89,24 +124,23 @@ def _np(t: Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def _prepare(x2d: Tensor, rows: int) -> np.ndarray:
-    """x (tokens × in) → float32 xᵀ (rows × tokens), zero rows past ``in``."""
-    tokens, in_f = x2d.shape
-    xt = torch.zeros(rows, tokens, dtype=torch.float32)
-    xt[:in_f] = x2d.detach().t()
-    return xt.numpy()
+def _inputs(x2d: Tensor, width: int) -> np.ndarray:
+    """x (tokens × in) → float32 tokens × ``width`` (≥ in), zeros past ``in``; no copy when
+    x is already float32, contiguous and wide enough."""
+    x = x2d.detach().to(torch.float32).contiguous().numpy()
+    if width == x.shape[1]:
+        return x
+    wide = np.zeros((x.shape[0], width), dtype=np.float32)
+    wide[:, : x.shape[1]] = x
+    return wide
 
 
-def _common(xt: np.ndarray, in_f: int, U: Tensor, V: Tensor, bias: Tensor | None, out_f: int):
-    tokens = xt.shape[1]
-    Un, Vn = _np(U), _np(V)
-    if V.shape[1] > 0:
-        z = _xv_kernel(xt, Vn, in_f)
-    else:
-        z = np.zeros((tokens, 0), dtype=np.float32)
-    bn = _np(bias) if bias is not None else np.zeros(0, dtype=Un.dtype)
-    y = np.empty((tokens, out_f), dtype=np.float32)
-    return Un, z, bn, bias is not None, y
+def _low_rank_input(x: np.ndarray, arrays: LayerArrays, in_f: int) -> np.ndarray:
+    """z = x V (tokens × r, float32); serial below :data:`XV_PARALLEL_MACS` multiply-adds."""
+    if arrays.V.shape[1] == 0:
+        return np.zeros((x.shape[0], 0), dtype=np.float32)
+    macs = x.shape[0] * in_f * arrays.V.shape[1]
+    return (_xv_kernel if macs >= XV_PARALLEL_MACS else _xv_serial)(x, arrays.V, in_f)
 
 
 def _output(y: np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -114,47 +148,48 @@ def _output(y: np.ndarray, dtype: torch.dtype) -> Tensor:
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def nm_forward(x2d: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bits: int, in_features: int,
-               U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
-    """(tokens × in) → (tokens × out) for a packed N:M layer (CPU tensors, float32 or bfloat16)."""
-    out_f = values.shape[0]
+def nm_forward(x2d: Tensor, arrays: LayerArrays, n: int, m: int, bits: int, in_features: int) -> Tensor:
+    """(tokens × in) → (tokens × out) for a packed N:M layer (CPU, float32 or bfloat16)."""
+    out_f, per_row = arrays.values.shape
     groups = math.ceil(in_features / m)
-    rows = max(in_features, (groups - 1) * m + (1 << bits)) if groups else in_features
-    xt = _prepare(x2d, rows)
-    Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
-    set_threads_like_torch()
+    width = max(in_features, (groups - 1) * m + (1 << bits)) if groups else in_features
     two_four = (n, m) == (2, 4) and in_features % 16 == 0
+    x = _inputs(x2d, in_features if two_four else width)
+    z = _low_rank_input(x, arrays, in_features)
+    y = np.empty((x.shape[0], out_f), dtype=np.float32)
+    a = arrays
+    set_threads_like_torch()
     if two_four and HAVE_AVX2:  # the permute path, any token count
-        x = xt[:in_features].T.copy()
-        _two_four_kernel(_np(values).reshape(-1), values.shape[1], _np(indices), in_features // 8,
-                         in_features // 16, x.reshape(-1), in_features, Un, z, bn, has_bias, y)
-    elif two_four and x2d.shape[0] == 1:  # the masked-expand path
-        per_row = values.shape[1]
+        _two_four_kernel(a.values.reshape(-1), per_row, a.codes, in_features // 8, in_features // 16,
+                         x.reshape(-1), x.shape[1], a.U, z, a.bias, a.has_bias, y)
+    elif two_four and x.shape[0] == 1:  # the masked-expand path
         offsets = np.arange(out_f, dtype=np.int64) * per_row
-        _masked_single_token_kernel(_np(values).reshape(-1), offsets, _np(indices), in_features // 8, _TWO_FOUR_MASKS,
-                                    in_features // 16, xt.reshape(-1), Un, z, bn, has_bias, y)
+        _masked_single_token_kernel(a.values.reshape(-1), offsets, a.codes, in_features // 8, _TWO_FOUR_MASKS,
+                                    in_features // 16, x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
     else:
-        _nm_kernel(_np(values), _np(indices), n, m, bits, xt, Un, z, bn, has_bias, y)
+        xt = np.ascontiguousarray(_inputs(x2d, width).T)
+        _nm_kernel(a.values, a.codes, n, m, bits, xt, a.U, z, a.bias, a.has_bias, y)
     return _output(y, x2d.dtype)
 
 
-def unstructured_forward(x2d: Tensor, mask: Tensor, values: Tensor, offsets: Tensor, in_features: int,
-                         U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
-    """(tokens × in) → (tokens × out) for a bit-mask layer; ``offsets`` (int64, out + 1
+def unstructured_forward(x2d: Tensor, arrays: LayerArrays, in_features: int) -> Tensor:
+    """(tokens × in) → (tokens × out) for a bit-mask layer; ``arrays.offsets`` (int64, out + 1
     entries) holds the index of every row's first value, then the number of values."""
-    out_f, row_bytes = mask.shape
-    if offsets.numel() != out_f + 1:
-        raise ValueError(f"offsets hold {offsets.numel()} entries, expected {out_f + 1}")
-    xt = _prepare(x2d, max(in_features, row_bytes * 8))
-    Un, z, bn, has_bias, y = _common(xt, in_features, U, V, bias, out_f)
+    out_f, row_bytes = arrays.codes.shape
+    if arrays.offsets is None or arrays.offsets.shape[0] != out_f + 1:
+        raise ValueError(f"offsets must hold {out_f + 1} entries")
+    x = _inputs(x2d, max(in_features, row_bytes * 8))
+    z = _low_rank_input(x, arrays, in_features)
+    y = np.empty((x.shape[0], out_f), dtype=np.float32)
+    a = arrays
     set_threads_like_torch()
     if HAVE_AVX2:  # the permute path, any token count
-        x = xt.T.copy()
-        _bitmask_kernel(_np(mask), _np(values), _np(offsets), _SET_COUNT, _SET_BITS, _EXPAND_RANKS, x.reshape(-1),
-                        x.shape[1], Un, z, bn, has_bias, y)
-    elif x2d.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
-        _masked_single_token_kernel(_np(values), _np(offsets), _np(mask), row_bytes, _IDENTITY_MASKS, row_bytes // 2,
-                                    xt.reshape(-1), Un, z, bn, has_bias, y)
+        _bitmask_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, _EXPAND_RANKS, x.reshape(-1),
+                        x.shape[1], a.U, z, a.bias, a.has_bias, y)
+    elif x.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
+        _masked_single_token_kernel(a.values, a.offsets, a.codes, row_bytes, _IDENTITY_MASKS, row_bytes // 2,
+                                    x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
     else:
-        _unstructured_kernel(_np(mask), _np(values), _np(offsets), _SET_COUNT, _SET_BITS, xt, Un, z, bn, has_bias, y)
+        _unstructured_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, np.ascontiguousarray(x.T), a.U, z,
+                             a.bias, a.has_bias, y)
     return _output(y, x2d.dtype)

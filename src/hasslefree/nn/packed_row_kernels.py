@@ -16,9 +16,10 @@ V_BLOCK = 256  # rows of V per partial sum of x V (fixed, so results do not depe
 
 # ----------------------------------------------------------------- kernels
 @njit(parallel=True, cache=True, fastmath=False)
-def _xv_kernel(xt, V, n_in):
-    """z (tokens × r) = x V in float32; ``xt`` is x transposed (≥ n_in rows × tokens)."""
-    tokens = xt.shape[1]
+def _xv_kernel(x, V, n_in):
+    """z (tokens × r) = x V in float32; ``x`` float32 tokens × (≥ n_in). Rows of V are summed
+    in blocks of :data:`V_BLOCK`, then the blocks in order: the same bits on any thread count."""
+    tokens = x.shape[0]
     rank = V.shape[1]
     blocks = (n_in + V_BLOCK - 1) // V_BLOCK
     partial = np.zeros((blocks, tokens, rank), dtype=np.float32)
@@ -26,7 +27,7 @@ def _xv_kernel(xt, V, n_in):
         i1 = min((blk + 1) * V_BLOCK, n_in)
         for i in range(blk * V_BLOCK, i1):
             for t in range(tokens):
-                xi = xt[i, t]
+                xi = x[t, i]
                 for k in range(rank):
                     partial[blk, t, k] += xi * _f32(V[i, k])
     z = np.zeros((tokens, rank), dtype=np.float32)
@@ -34,6 +35,20 @@ def _xv_kernel(xt, V, n_in):
         for t in range(tokens):
             for k in range(rank):
                 z[t, k] += partial[blk, t, k]
+    return z
+
+
+@njit(cache=True, fastmath=False)
+def _xv_serial(x, V, n_in):
+    """z = x V on one thread for small layers, summed over the rows of V in order."""
+    tokens = x.shape[0]
+    rank = V.shape[1]
+    z = np.zeros((tokens, rank), dtype=np.float32)
+    for i in range(n_in):
+        for t in range(tokens):
+            xi = x[t, i]
+            for k in range(rank):
+                z[t, k] += xi * _f32(V[i, k])
     return z
 
 
