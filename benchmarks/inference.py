@@ -179,6 +179,8 @@ def child(args: argparse.Namespace) -> None:
     import hasslefree.checkpoint  # noqa: F401
 
     torch.ones(4, 4, dtype=getattr(torch, args.dtype)) @ torch.ones(4, 4, dtype=getattr(torch, args.dtype))
+    if args.variant == "packed-numba":  # the runtime, like torch: numba and llvmlite's libraries
+        decode_kernels()
     gc.collect()
     base = rss_mb()
     began = time.perf_counter()

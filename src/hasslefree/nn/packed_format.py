@@ -36,6 +36,10 @@ def pack_mask(keep: Tensor) -> Tensor:
 
 
 def positive_zeros(t: Tensor) -> Tensor:
+    """``t`` with every -0.0 made +0.0; ``t`` itself (no copy) when it holds none, so a
+    memory-mapped checkpoint's values stay a view of the file."""
+    if not t.is_floating_point() or not bool(((t == 0) & torch.signbit(t)).any()):
+        return t
     return torch.where(t == 0, torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 

@@ -149,7 +149,7 @@ class PackedSparseLowRankLinear(nn.Module):
 
     @classmethod
     def from_module(cls, module: SparseLowRankLinear, *, name: str | None = None) -> PackedSparseLowRankLinear:
-        """Pack a dense-storage layer (U, V and bias are shared, not copied)."""
+        """Pack a dense-storage layer (U, V, bias and a dense-pattern W_S are shared, not copied)."""
         if not isinstance(module, SparseLowRankLinear):
             raise TypeError(f"expected a SparseLowRankLinear, got {type(module).__name__}")
         w = positive_zeros(module.sparse_weight.detach())
