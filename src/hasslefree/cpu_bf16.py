@@ -1,9 +1,9 @@
 """bfloat16 matrix products at float32 speed on CPUs without native bfloat16 arithmetic.
 
 On x86 CPUs without AVX512-BF16 or AMX (AMD Zen 3 and older, most Intel client parts), torch's
-bfloat16 GEMMs are emulated and run 5–10× slower than float32 ones (a 4096 × 1536 by 1536 × 576
-product: 4.6–7.3× slower than float32 on 2 Zen 3 cores, ``benchmarks/bf16_products.py``), and
-``x @ V`` with a tall, thin ``V`` falls off a cliff (30–90× slower). Compressing or evaluating a
+bfloat16 GEMMs are emulated: SmolLM2's projections over a 2048-token window run 4.6–7.3× slower
+than in float32 on 2 Zen 3 cores (``benchmarks/bf16_products.py``), and ``x @ V`` with a tall,
+thin ``V`` falls off a cliff (30–90× slower). Compressing or evaluating a
 ``--dtype bfloat16`` model is then dominated by them.
 
 :func:`bf16_products_in_float32` computes those products from the float32 images of their
