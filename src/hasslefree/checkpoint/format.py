@@ -12,9 +12,9 @@ Nothing is pickled, and the JSON is written last, so a directory that has it is 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import logging
-import ctypes
 import os
 import sys
 from collections.abc import Iterator

@@ -92,12 +92,14 @@ def _arrays(kernels: ModuleType, layer: Any) -> Any:
     if (cached is not None and cached[1] == versions
             and all(a is b for a, b in zip(cached[0], tensors))):
         return cached[2]
-    offsets = row_offsets(layer) if layer.kind != "nm" else None
+    offsets = None
     if layer.kind == "nm":
         per_row = math.ceil(layer.in_features / layer.m) * layer.n
         expected = math.ceil(layer.out_features * per_row * layer.bits / 8)
         if codes.numel() != expected:
             raise ValueError(f"indices hold {codes.numel()} bytes, expected {expected}")
+    else:
+        offsets = row_offsets(layer)
     arrays = kernels.layer_arrays(layer.values, codes, layer.U, layer.V, layer.bias, offsets)
     layer.__dict__["_kernel_arrays"] = (tensors, versions, arrays)
     return arrays
@@ -106,7 +108,7 @@ def _arrays(kernels: ModuleType, layer: Any) -> Any:
 def run_kernel(kernels: ModuleType, layer: Any, x2d: Tensor) -> Tensor:
     """y for a call :func:`kernels_for` accepted (the layer's packed buffers, U, V, bias)."""
     arrays = _arrays(kernels, layer)
-    if arrays.offsets is None:
+    if layer.kind == "nm":
         return kernels.nm_forward(x2d, arrays, layer.n, layer.m, layer.bits, layer.in_features)
     return kernels.unstructured_forward(x2d, arrays, layer.in_features)
 

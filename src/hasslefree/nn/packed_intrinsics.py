@@ -89,9 +89,9 @@ def masked_row_dot(typingctx, values, codes, cstart, table, nchunks, x):
         cbase = builder.bitcast(codes_a.data, i8.as_pointer())
         tbase = builder.bitcast(table_a.data, i16.as_pointer())
         xbase = builder.bitcast(x_a.data, f32.as_pointer())
-        cstart = builder.sext(args[2], i64) if args[2].type.width < 64 else args[2]
+        cstart = _as_i64(builder, args[2])
         with cgutils.for_range(builder, args[4]) as loop:
-            c = builder.sext(loop.index, i64) if loop.index.type.width < 64 else loop.index
+            c = _as_i64(builder, loop.index)
             at = builder.add(cstart, builder.shl(c, ir.Constant(i64, 1)))
             lo = builder.load(builder.gep(tbase, [builder.zext(builder.load(builder.gep(cbase, [at])), i64)]))
             hi = builder.load(builder.gep(tbase, [builder.zext(
@@ -109,6 +109,11 @@ def masked_row_dot(typingctx, values, codes, cstart, table, nchunks, x):
         return builder.call(reduce, [ir.Constant(f32, -0.0), builder.load(acc)], fastmath=("reassoc",))
 
     return sig, codegen
+
+
+def _as_i64(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    """An integer argument widened (sign-extended) to 64 bits for address arithmetic."""
+    return builder.sext(value, ir.IntType(64)) if value.type.width < 64 else value
 
 
 def _even_odd_sum(builder: ir.IRBuilder, count: ir.Value, step: Any, vector: ir.VectorType) -> ir.Value:
@@ -153,11 +158,8 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
         cbase = builder.bitcast(arrays[1].data, i16.as_pointer())
         xbase = builder.bitcast(arrays[2].data, f32.as_pointer())
 
-        def wide(value):
-            return builder.sext(value, i64) if value.type.width < 64 else value
-
-        vstart, xstart, count = wide(args[1]), wide(args[6]), wide(args[4])
-        cstart = builder.ashr(wide(args[3]), ir.Constant(i64, 1))  # in 16-bit words
+        vstart, xstart, count = (_as_i64(builder, args[i]) for i in (1, 6, 4))
+        cstart = builder.ashr(_as_i64(builder, args[3]), ir.Constant(i64, 1))  # in 16-bit words
         # lane j of the output takes its position from bits 2j, 2j + 1 of the chunk's code;
         # vpermilps reads only the low two bits of each index
         shifts = ir.Constant(v8i32, [0, 2, 4, 6, 8, 10, 12, 14])
@@ -213,11 +215,8 @@ def bitmask_row_dot(typingctx, values, vstart, mask, mstart, nbytes, table, x, x
         tbase = builder.bitcast(arrays[2].data, i8.as_pointer())
         xbase = builder.bitcast(arrays[3].data, f32.as_pointer())
 
-        def wide(value):
-            return builder.sext(value, i64) if value.type.width < 64 else value
-
-        mstart, xstart, count = wide(args[3]), wide(args[7]), wide(args[4])
-        taken = cgutils.alloca_once_value(builder, wide(args[1]))
+        mstart, xstart, count = (_as_i64(builder, args[i]) for i in (3, 7, 4))
+        taken = cgutils.alloca_once_value(builder, _as_i64(builder, args[1]))
         bits = ir.Constant(v8i32, [1 << j for j in range(8)])
         zero = ir.Constant(v8i32, None)
 

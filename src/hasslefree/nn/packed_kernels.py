@@ -15,7 +15,7 @@ costs one pass over the packed W_S. The kernels make exactly that pass:
   registers, never into a temporary.
 * **unstructured** — each row walks its mask bytes; a 256-entry table gives the set bits of a
   byte, the row's first value comes from per-row offsets (the running popcount of the mask,
-  computed once per layer by the caller).
+  computed once per layer by the caller); x is read token-major.
 
 * **bit-mask rows on AVX2 CPUs, 1 to ``decode_tokens`` tokens** —
   :func:`~hasslefree.nn.packed_intrinsics.bitmask_row_dot`: per mask byte, 8 values from the
@@ -89,15 +89,18 @@ class LayerArrays:
     U: np.ndarray
     V: np.ndarray
     bias: np.ndarray  # empty without a bias
-    has_bias: bool
     offsets: np.ndarray | None = None  # bit mask: first value of every row, then the count
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias.shape[0] > 0
 
 
 def layer_arrays(values: Tensor, codes: Tensor, U: Tensor, V: Tensor, bias: Tensor | None,
                  offsets: Tensor | None = None) -> LayerArrays:
     Un = _np(U)
     return LayerArrays(_np(values), _np(codes), Un, _np(V), _np(bias) if bias is not None else np.zeros(0, Un.dtype),
-                       bias is not None, None if offsets is None else _np(offsets))
+                       None if offsets is None else _np(offsets))
 
 
 _threads = threading.local()  # the torch thread count numba was last set to, per calling thread
@@ -166,9 +169,8 @@ def nm_forward(x2d: Tensor, arrays: LayerArrays, n: int, m: int, bits: int, in_f
         offsets = np.arange(out_f, dtype=np.int64) * per_row
         _masked_single_token_kernel(a.values.reshape(-1), offsets, a.codes, in_features // 8, _TWO_FOUR_MASKS,
                                     in_features // 16, x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
-    else:
-        xt = np.ascontiguousarray(_inputs(x2d, width).T)
-        _nm_kernel(a.values, a.codes, n, m, bits, xt, a.U, z, a.bias, a.has_bias, y)
+    else:  # x is ``width`` wide here (for 2:4, width == in_features)
+        _nm_kernel(a.values, a.codes, n, m, bits, np.ascontiguousarray(x.T), a.U, z, a.bias, a.has_bias, y)
     return _output(y, x2d.dtype)
 
 
@@ -184,12 +186,11 @@ def unstructured_forward(x2d: Tensor, arrays: LayerArrays, in_features: int) -> 
     a = arrays
     set_threads_like_torch()
     if HAVE_AVX2:  # the permute path, any token count
-        _bitmask_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, _EXPAND_RANKS, x.reshape(-1),
-                        x.shape[1], a.U, z, a.bias, a.has_bias, y)
+        _bitmask_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, _EXPAND_RANKS, x, a.U, z, a.bias,
+                        a.has_bias, y)
     elif x.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
         _masked_single_token_kernel(a.values, a.offsets, a.codes, row_bytes, _IDENTITY_MASKS, row_bytes // 2,
                                     x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
     else:
-        _unstructured_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, np.ascontiguousarray(x.T), a.U, z,
-                             a.bias, a.has_bias, y)
+        _unstructured_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, x, a.U, z, a.bias, a.has_bias, y)
     return _output(y, x2d.dtype)

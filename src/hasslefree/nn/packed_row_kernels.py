@@ -121,32 +121,35 @@ def _nm_kernel(values, indices, n, m, bits, xt, U, z, bias, has_bias, y):
             _finish_row(acc, o, U, z, bias, has_bias, y)
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _mask_row_walk(acc, mask, values, j, o, set_count, set_bits, x):
+    """acc[b % 4, t] = Σ over row ``o``'s kept weights in mask byte b of value · x[t, column],
+    walking the values from index ``j`` on; ``x`` float32 tokens × (≥ 8 · mask bytes)."""
+    acc[:, :] = 0.0
+    for b in range(mask.shape[1]):
+        byte = mask[o, b]
+        lane = b & 3
+        base = b * 8
+        for k in range(set_count[byte]):
+            col = base + set_bits[byte, k]
+            v = _f32(values[j])
+            j += 1
+            for t in range(acc.shape[1]):
+                acc[lane, t] += v * x[t, col]
+
+
 @njit(parallel=True, cache=True, fastmath=False)
-def _unstructured_kernel(mask, values, offsets, set_count, set_bits, xt, U, z, bias, has_bias, y):
+def _unstructured_kernel(mask, values, offsets, set_count, set_bits, x, U, z, bias, has_bias, y):
     """Bit-mask rows: ``mask`` (out × ⌈in/8⌉), ``values`` the nonzeros row-major, ``offsets`` the
-    first value of every row, ``set_count``/``set_bits`` the 256-entry set-bit table, ``xt`` x
-    transposed and zero-padded to ⌈in/8⌉·8 rows."""
-    out_f, row_bytes = mask.shape
-    tokens = xt.shape[1]
+    first value of every row, ``set_count``/``set_bits`` the 256-entry set-bit table, ``x``
+    float32 tokens × ⌈in/8⌉·8, zero-padded."""
+    out_f = mask.shape[0]
+    tokens = x.shape[0]
     row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
     for blk in prange(row_blocks):
         acc = np.empty((4, tokens), dtype=np.float32)
         for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
-            acc[:, :] = 0.0
-            j = offsets[o]
-            for b in range(row_bytes):
-                byte = mask[o, b]
-                count = set_count[byte]
-                if count == 0:
-                    continue
-                lane = b & 3
-                base = b * 8
-                for k in range(count):
-                    col = base + set_bits[byte, k]
-                    v = _f32(values[j])
-                    j += 1
-                    for t in range(tokens):
-                        acc[lane, t] += v * xt[col, t]
+            _mask_row_walk(acc, mask, values, offsets[o], o, set_count, set_bits, x)
             _finish_row(acc, o, U, z, bias, has_bias, y)
 
 
@@ -181,33 +184,26 @@ def _two_four_kernel(values, per_row, codes, row_bytes, chunks, x, stride, U, z,
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _bitmask_kernel(mask, values, offsets, set_count, set_bits, table, x, stride, U, z, bias, has_bias, y):
+def _bitmask_kernel(mask, values, offsets, set_count, set_bits, table, x, U, z, bias, has_bias, y):
     """Bit-mask rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.bitmask_row_dot`),
-    1 to ``decode_tokens`` tokens; ``x`` float32 tokens × ``stride`` (≥ 8 · row bytes, zero
-    padded) flattened. The last rows, whose 8-value loads would run past the stored values,
-    take the scalar walk of :func:`_unstructured_kernel` instead."""
+    1 to ``decode_tokens`` tokens; ``x`` float32 tokens × (≥ 8 · row bytes), zero padded. The
+    last rows, whose 8-value loads would run past the stored values, take the scalar walk of
+    :func:`_unstructured_kernel` instead."""
     out_f, row_bytes = mask.shape
-    tokens = y.shape[0]
+    tokens, stride = x.shape
+    flat = x.reshape(-1)
     total = values.shape[0]
     row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
     for blk in prange(row_blocks):
         acc = np.zeros((4, tokens), dtype=np.float32)
         for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
             if offsets[o + 1] + 8 <= total:
+                acc[:, :] = 0.0
                 for t in range(tokens):
-                    acc[0, t] = bitmask_row_dot(values, offsets[o], mask, o * row_bytes, row_bytes, table, x,
+                    acc[0, t] = bitmask_row_dot(values, offsets[o], mask, o * row_bytes, row_bytes, table, flat,
                                                 t * stride)
             else:
-                acc[:, :] = 0.0
-                j = offsets[o]
-                for b in range(row_bytes):
-                    byte = mask[o, b]
-                    base = b * 8
-                    for k in range(set_count[byte]):
-                        v = _f32(values[j])
-                        j += 1
-                        for t in range(tokens):
-                            acc[b & 3, t] += v * x[t * stride + base + set_bits[byte, k]]
+                _mask_row_walk(acc, mask, values, offsets[o], o, set_count, set_bits, x)
             _finish_row(acc, o, U, z, bias, has_bias, y)
 
 

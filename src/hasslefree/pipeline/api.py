@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hasslefree.cpu_bf16 import bf16_products_in_float32
 from hasslefree.decompose import check_numeric_options, check_solver_options, decompose_group, decompose_layer
 from hasslefree.hss.options import HSSOptions
 from hasslefree.patterns import SparsityPattern
@@ -199,10 +198,8 @@ def compress(
     was_training = model.training
     model.eval()
     try:
-        with bf16_products_in_float32():
-            records, matches, resumed = run_sequential(model, plan, calibration, device=device, options=options,
-                                                       timer=timer, store=store, on_block_end=on_block_end,
-                                                       weights=block_weights)
+        records, matches, resumed = run_sequential(model, plan, calibration, device=device, options=options, timer=timer,
+                                                   store=store, on_block_end=on_block_end, weights=block_weights)
         if block_weights is not None and dense:  # a plain HF folder needs the whole model in memory
             with timer.stage("assemble"):
                 for index, block in enumerate(plan.architecture.block_list(model)):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hasslefree.cpu_bf16 import bf16_products_in_float32
 from hasslefree.forward_stop import StopForward, run_until_stopped
 
 if TYPE_CHECKING:
@@ -158,7 +159,9 @@ def blocks_stream_in(blocks: nn.ModuleList, device: torch.device, weights: Block
 
 
 def _forward(model: nn.Module, input_ids: torch.Tensor) -> None:
-    if run_until_stopped(model, input_ids=input_ids, use_cache=False):
+    with bf16_products_in_float32():
+        stopped = run_until_stopped(model, input_ids=input_ids, use_cache=False)
+    if stopped:
         return
     raise RuntimeError("the model ran to the end without calling its decoder blocks")
 
@@ -222,9 +225,11 @@ def _probe_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tenso
 
 def run_block(block: nn.Module, hidden: torch.Tensor, call: Call, device: torch.device,
               block_dtype: torch.dtype) -> torch.Tensor:
-    """One block on one batch; the result stays on ``device``."""
+    """One block on one batch; the result stays on ``device``. Large bf16 CPU products run in
+    float32 where the CPU has no native bf16 (:mod:`hasslefree.cpu_bf16`)."""
     args, kwargs = to_device(call, device)
-    return block_output(block(hidden.to(device, block_dtype), *args, **kwargs))
+    with bf16_products_in_float32():
+        return block_output(block(hidden.to(device, block_dtype), *args, **kwargs))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ the compressed block's outputs on the calibration inputs match a target:
 
 Trained values live in float32 for the run (bfloat16 cannot hold small Adam steps); the
 forward and backward passes run under autocast in the block's dtype when that is a
-16-bit type the device multiplies natively. A run that ends with a higher loss than it started with is undone.
+16-bit type the device multiplies natively. A run that ends with a higher loss than it
+started with is undone.
 """
 
 from __future__ import annotations
