@@ -14,7 +14,8 @@ A method name may end in ``+match``: the same method with block-output matching
 (SparseGPT protocol) and the parameters stored by the compressed linear layers. Calibration: random C4 windows from documents 1100-1999. Each finished
 row is kept as a small JSON file under benchmarks/results/methods_table_rows/ (keyed by its
 settings, not by the code: --fresh after changing the code), so a rerun of the same command, even
-in a later checkout, skips it and a long table can be filled in several sittings. The table goes
+in a later checkout, skips it and a long table can be filled in several sittings; a row stopped
+during its evaluation keeps its finished datasets (``<key>.partial``) and resumes at the next. The table goes
 to stdout, one JSON line to benchmarks/results/methods_table.jsonl (or --results).
 
     python benchmarks/methods_table.py --model smollm2 --nsamples 128 --seqlen 2048 --dtype bfloat16 \
@@ -51,7 +52,7 @@ from hasslefree.loading.context import model_context_length
 from hasslefree.zeroshot import PAPER_TASKS
 from methods_table_format import DATASETS, MATCH, MODEL_NOTES, SETTINGS, header, table, zero_shot_table
 from methods_table_rows import (add_zero_shot, base_method, missing_tasks, rank_argument, reusable, row_key,
-                                rows_for, run_row)
+                                rows_for, run_row, write_json)
 from hasslefree.pipeline import DEFAULT_SKIP, prepare
 
 logger = logging.getLogger("methods_table")
@@ -149,11 +150,11 @@ def main(argv: list[str] | None = None) -> None:
                          None)
             if reuse is not None:
                 logger.info("    reusing the finished run in %s", reuse)
-            done[key] = run_row(row, calibration, tokens, args, reuse)
+            partial = path.with_suffix(".partial")
+            done[key] = run_row(row, calibration, tokens, args, reuse, partial)
             done[key]["commit"] = _git("rev-parse", "--short", "HEAD")
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done[key]))
-            tmp.replace(path)
+            write_json(path, done[key])
+            partial.unlink(missing_ok=True)
             logger.info("    %s  compress %.1f s, eval %.1f s", {d: round(p, 3) for d, p in done[key]["ppl"].items()},
                         done[key]["compress_s"], done[key]["eval_s"])
         row.update(done[key], key=key)

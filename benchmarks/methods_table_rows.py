@@ -85,17 +85,34 @@ def dense_parameters(model: torch.nn.Module, skip: list[str]) -> int:
     return sum(t.out_features * t.in_features for t in plan.layers)
 
 
-def evaluate(model: torch.nn.Module, tokens: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, float]:
-    out = {}
+def evaluate(model: torch.nn.Module, tokens: dict[str, torch.Tensor], args: argparse.Namespace,
+             partial: Path | None = None) -> dict[str, float]:
+    """Perplexity per dataset. Each finished dataset is written to ``partial`` at once, so a row
+    interrupted during its (hour-long on 2 cores) evaluation resumes at the next dataset."""
+    kept = json.loads(partial.read_text()) if partial is not None and partial.exists() else {}
+    out = {name: float(kept[name]) for name in tokens if name in kept}
     for name, ids in tokens.items():
+        if name in out:
+            logger.info("    %s %.3f kept from the interrupted evaluation (%s)", name, out[name], partial.name)
+            continue
         limits = [w for w in (eval_max_windows(name), args.eval_windows) if w is not None]
         out[name] = perplexity(model, ids, args.eval_seqlen, max_windows=min(limits) if limits else None)
-    return out
+        if partial is not None:
+            write_json(partial, out)
+    return {name: out[name] for name in tokens}
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` so that a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
 
 
 def run_row(row: dict[str, Any], calibration: torch.Tensor, tokens: dict[str, torch.Tensor],
-            args: argparse.Namespace, reuse: Path | None = None) -> dict[str, Any]:
-    """Load the model fresh, compress it as the row says (or load it from ``reuse``), evaluate it."""
+            args: argparse.Namespace, reuse: Path | None = None, partial: Path | None = None) -> dict[str, Any]:
+    """Load the model fresh, compress it as the row says (or load it from ``reuse``), evaluate it
+    (finished datasets kept in ``partial``)."""
     began = time.perf_counter()
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     result: dict[str, Any] = {"load_s": time.perf_counter() - began,
@@ -122,7 +139,7 @@ def run_row(row: dict[str, Any], calibration: torch.Tensor, tokens: dict[str, to
                       compress_s=time.perf_counter() - began, timings=report.timings)
     began = time.perf_counter()
     model = model.to(getattr(torch, args.eval_dtype))
-    result["ppl"] = evaluate(model, tokens, args)
+    result["ppl"] = evaluate(model, tokens, args, partial)
     result["eval_s"] = time.perf_counter() - began
     if args.tasks:
         result["zeroshot"] = zero_shot_columns(model, tok, args.tasks, args)
@@ -164,9 +181,7 @@ def add_zero_shot(result: dict[str, Any], row: dict[str, Any], tasks: list[str],
     result["zeroshot"] = {**found, "accuracy": {**zs.get("accuracy", {}), **found["accuracy"]},
                           "samples": {**zs.get("samples", {}), **found["samples"]},
                           "seconds": zs.get("seconds", 0.0) + found["seconds"]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    write_json(path, result)
 
 
 def reusable(directory: Path, row: dict[str, Any], calibration: torch.Tensor, args: argparse.Namespace) -> bool:
