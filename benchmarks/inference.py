@@ -168,7 +168,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     import transformers  # noqa: F401  (part of the baseline)
 
-    from hasslefree.cpu_bf16 import bf16_products_in_float32, native_bf16
+    from hasslefree.cpu_bf16 import bf16_products_in_float32_for_prompts, native_bf16
     from hasslefree.nn import PackedSparseLowRankLinear, decode_kernels  # part of the baseline too
 
     if args.threads:
@@ -211,7 +211,7 @@ def child(args: argparse.Namespace) -> None:
         out = model(input_ids=tokens, past_key_values=past, use_cache=True, **keep)
         return out.logits[:, -1].argmax(dim=-1, keepdim=True), out.past_key_values
 
-    with torch.no_grad(), bf16_products_in_float32():  # as `hasslefree generate` runs
+    with torch.no_grad(), bf16_products_in_float32_for_prompts(model):  # as `hasslefree generate` runs
         tok, past = step(ids[:, :8], None)  # warm-up: kernels compiled or loaded from numba's cache
         for _ in range(2):
             tok, past = step(tok, past)

@@ -100,3 +100,35 @@ def test_perplexity_uses_float32_products_where_needed(monkeypatch: pytest.Monke
     tokens = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
     value = perplexity(model, tokens, 64)
     assert F.linear in calls and value > 1.0
+
+
+def test_prompts_only_mode_skips_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation runs the prompt under the float32 products and decode steps without the mode;
+    the model's forward is restored afterwards, also when a call raises."""
+    calls = []
+    original = Float32Products.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        calls.append(func)
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(Float32Products, "__torch_function__", counting)
+    model = tiny_llama(seed=3).to(torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, MIN_ROWS), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), cpu_bf16.bf16_products_in_float32_for_prompts(model, enabled=True):
+        out = model(input_ids=ids, use_cache=True)
+        assert F.linear in calls
+        calls.clear()
+        model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        assert calls == []
+        model(ids)  # positional input_ids
+        assert F.linear in calls
+    assert "forward" not in model.__dict__
+    with pytest.raises(RuntimeError):
+        with cpu_bf16.bf16_products_in_float32_for_prompts(model, enabled=True):
+            raise RuntimeError("stop")
+    assert "forward" not in model.__dict__
+    calls.clear()
+    with torch.no_grad(), cpu_bf16.bf16_products_in_float32_for_prompts(model, enabled=False):
+        model(input_ids=ids)
+    assert calls == []

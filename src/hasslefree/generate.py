@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hasslefree.cpu_bf16 import bf16_products_in_float32
+from hasslefree.cpu_bf16 import bf16_products_in_float32_for_prompts
 from hasslefree.nn import PackedSparseLowRankLinear, pack_model
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,6 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
         torch.manual_seed(seed)
         options["temperature"] = temperature
     mask = encoded.get("attention_mask")
-    with bf16_products_in_float32():  # the prompt's products; decode steps stay native
+    with bf16_products_in_float32_for_prompts(model):  # the prompt's products; decode steps stay native
         out = model.generate(input_ids=ids, attention_mask=None if mask is None else mask.to(device), **options)
     return tokenizer.decode(out[0], skip_special_tokens=True)

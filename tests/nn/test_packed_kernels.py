@@ -219,12 +219,13 @@ def test_kernel_does_not_depend_on_threads(kernels: None) -> None:
 
 # ----------------------------------------------------------------- routing in forward
 def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
-    """Make forward paths (layer methods, or the dispatcher's run_kernel) fail if they run."""
+    """Make forward paths (layer methods, or the dispatcher's ``_decoder``, which every kernel
+    call of a fresh layer goes through) fail if they run."""
     def boom(*args, **kwargs):
         raise AssertionError("this path should not run")
 
     for name in names:
-        monkeypatch.setattr(packed_dispatch if name == "run_kernel" else PackedSparseLowRankLinear, name, boom)
+        monkeypatch.setattr(packed_dispatch if name == "_decoder" else PackedSparseLowRankLinear, name, boom)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
@@ -242,7 +243,7 @@ def test_forward_uses_kernel_for_cpu_decode(kernels: None, monkeypatch: pytest.M
 
 def test_forward_keeps_torch_paths_elsewhere(kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
     p = PackedSparseLowRankLinear.from_module(make_layer(16, 24, "2:4", 2, True))
-    _forbid(monkeypatch, "run_kernel")
+    _forbid(monkeypatch, "_decoder")
     p(torch.randn(3, 24)).sum().backward()  # autograd: the gather path, gradients flow
     assert p.U.grad is not None and p.bias.grad is not None
     with torch.no_grad():
@@ -300,7 +301,7 @@ def test_env_var_disables_kernel(monkeypatch: pytest.MonkeyPatch, dtype: torch.d
     layers = [(m, PackedSparseLowRankLinear.from_module(m))
               for m in (make_layer(37, 50, "3:8", 3, True, dtype), make_layer(21, 53, "unstructured", 2, True, dtype))]
     monkeypatch.setenv(packed_dispatch.NO_KERNELS_ENV, "1")
-    _forbid(monkeypatch, "run_kernel")
+    _forbid(monkeypatch, "_decoder")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # switched off on purpose: no warning
         _decode_outputs(layers, dtype)
@@ -327,3 +328,81 @@ def test_compiled_tile_unpack_is_bit_exact(kernels: None, monkeypatch, pattern: 
     assert torch.equal(compiled.view(bits), plain.view(bits))  # bit for bit, signs of zeros included
     assert torch.equal(compiled, m.sparse_weight.detach())
     assert torch.equal(y_compiled, p.forward_tiled(x))
+
+
+def test_bf16_output_rounding_equals_torch(kernels: None) -> None:
+    """The kernels' float32 → bfloat16 store is bit for bit ``Tensor.to(torch.bfloat16)``: ties
+    to even both ways, negatives, subnormals, the largest finite values rounding to inf, inf;
+    NaN stays NaN (torch's own NaN bits differ between its scalar and vector paths)."""
+    import numpy as np
+    from numba import njit
+
+    from hasslefree.nn.packed_row_kernels import _store_output
+
+    store = njit(lambda y, out: _store_output(y, out))
+    g = torch.Generator().manual_seed(5)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF, 0x00008000, 0x00018000,
+                         0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x7F800000, 0xFF800000, 0x80000000, 0x00000001],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)
+    y = torch.cat([ties, torch.randn(4000, generator=g) * 10.0 ** torch.randint(-40, 39, (4000,), generator=g)])
+    y = y.reshape(1, -1).contiguous()
+    out = torch.empty(y.shape, dtype=torch.bfloat16)
+    store(y.numpy(), out.view(torch.int16).numpy())
+    assert torch.equal(out.view(torch.int16), y.to(torch.bfloat16).view(torch.int16))
+    nans = torch.tensor([[0x7FC00001, 0xFFFFFFFF, 0x7F800001]], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    out = torch.empty(nans.shape, dtype=torch.bfloat16)
+    store(nans.numpy(), out.view(torch.int16).numpy())
+    assert out.isnan().all()
+    as_f32 = np.empty(y.shape, dtype=np.float32)
+    store(y.numpy(), as_f32)
+    assert np.array_equal(as_f32.view(np.int32), y.numpy().view(np.int32))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_one_entry_bf16_output_is_the_float32_sums_rounded_once(kernels: None, monkeypatch, pattern: str) -> None:
+    """The one-entry AVX2 kernels write bfloat16 themselves: exactly the float32 result they
+    give for the same bf16 layer and inputs, rounded once (so nothing is lost by not
+    returning float32 and converting in torch)."""
+    from hasslefree.nn import packed_kernels
+
+    if not packed_kernels.HAVE_AVX2:
+        pytest.skip("the one-entry kernels are the AVX2 routes; this CPU has no AVX2")
+    m = make_layer(45, 64, pattern, 5, True, torch.bfloat16, density=0.4, seed=21)
+    p = PackedSparseLowRankLinear.from_module(m)
+    kernel = getattr(packed_kernels, "_two_four_kernel" if pattern == "2:4" else "_bitmask_kernel")
+    seen = []
+
+    def both(*args):  # run the kernel into float32 too, on the same arguments
+        y32 = torch.empty(args[-1].shape, dtype=torch.float32)
+        kernel(*args[:-1], y32.numpy())
+        seen.append(y32)
+        return kernel(*args)
+
+    monkeypatch.setattr(packed_kernels, "_two_four_kernel" if pattern == "2:4" else "_bitmask_kernel", both)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y = p.forward_kernel(x)
+    assert len(seen) == 1 and y.dtype == torch.bfloat16
+    assert torch.equal(y.view(torch.int16), seen[0].to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_decoder_cached_and_rebuilt_on_change(kernels: None, pattern: str) -> None:
+    """A decode step reuses the layer's decoder; an in-place change of U or a replaced values
+    buffer is noticed, and the outputs follow the new weights."""
+    m = make_layer(24, 32, pattern, 3, True, density=0.5, seed=9)
+    p = PackedSparseLowRankLinear.from_module(m)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        p(x)
+        first = packed_dispatch.decoder_for(p, x)
+        assert first is not None and packed_dispatch.decoder_for(p, x) is first
+        p.U.mul_(2.0)
+        m.U.mul_(2.0)
+        assert packed_dispatch.decoder_for(p, x) is not first
+        assert_close_ref(p(x), m, x)
+        second = packed_dispatch.decoder_for(p, x)
+        p.values = p.values * 3.0  # a new tensor in the buffer slot
+        m.sparse_weight.mul_(3.0)
+        assert packed_dispatch.decoder_for(p, x) is not second
+        assert_close_ref(p(x), m, x)
+        assert packed_dispatch.decoder_for(p, x.double()) is None  # no float64 kernel

@@ -12,6 +12,8 @@ import importlib
 import math
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -50,7 +52,7 @@ def kernels_for(layer: Any, x2d: Tensor) -> ModuleType | None:
         return None
     if x2d.dtype != layer.values.dtype or x2d.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if torch.is_grad_enabled() and (x2d.requires_grad or any(p.requires_grad for p in layer.parameters(False))):
+    if torch.is_grad_enabled() and _tracks_grad(layer, x2d):
         return None
     return decode_kernels()
 
@@ -82,16 +84,54 @@ def row_offsets(layer: Any) -> Tensor:
     return offsets
 
 
-def _arrays(kernels: ModuleType, layer: Any) -> Any:
-    """The layer's buffers as the kernels take them, made once and kept as a plain attribute
-    until any of the tensors is replaced or changed in place."""
-    codes = layer.indices if layer.kind == "nm" else layer.mask
-    tensors = (layer.values, codes, layer.U, layer.V, layer.bias)
-    versions = tuple(-1 if t is None else t._version for t in tensors)
-    cached = layer.__dict__.get("_kernel_arrays")  # (the tensors themselves, their versions, arrays)
-    if (cached is not None and cached[1] == versions
-            and all(a is b for a, b in zip(cached[0], tensors))):
-        return cached[2]
+@dataclass(frozen=True)
+class _CachedDecoder:
+    """A layer's decoder with the tensors it was made from and their versions."""
+
+    tensors: tuple[Tensor | None, ...]
+    versions: tuple[int, ...]
+    dtype: torch.dtype
+    decode: Callable[[Tensor], Tensor]
+
+    def current(self, tensors: tuple[Tensor | None, ...]) -> bool:
+        return (all(a is b for a, b in zip(self.tensors, tensors))
+                and self.versions == tuple(-1 if t is None else t._version for t in tensors))
+
+
+def _kernel_tensors(layer: Any) -> tuple[Tensor | None, ...]:
+    """(values, codes, U, V, bias), read from the module's dicts (no ``__getattr__`` per call)."""
+    buffers, params = layer._buffers, layer._parameters
+    codes = buffers["indices"] if layer.kind == "nm" else buffers["mask"]
+    return buffers["values"], codes, params["U"], params["V"], params["bias"]
+
+
+def decoder_for(layer: Any, x2d: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """The layer's compiled decoder when this call may use it (the conditions of
+    :func:`kernels_for`), else None. The common case, a decode step calling the layer again with
+    nothing changed, is answered from the cache with a few identity and version checks."""
+    cached = layer.__dict__.get("_kernel_decoder")
+    if (cached is not None and x2d.dtype == cached.dtype and x2d.device.type == "cpu"
+            and not (torch.is_grad_enabled() and _tracks_grad(layer, x2d))
+            and cached.current(_kernel_tensors(layer)) and decode_kernels() is not None):
+        return cached.decode
+    kernels = kernels_for(layer, x2d)
+    return None if kernels is None else _decoder(kernels, layer)
+
+
+def _tracks_grad(layer: Any, x2d: Tensor) -> bool:
+    return x2d.requires_grad or any(p.requires_grad for p in layer.parameters(False))
+
+
+def _decoder(kernels: ModuleType, layer: Any) -> Callable[[Tensor], Tensor]:
+    """The layer's compiled decoder (its buffers as the kernels take them, the route and its
+    constants bound), made once and kept as a plain attribute until any of the tensors is
+    replaced or changed in place: rebuilding it on every decode call costs more than the kernel
+    on small layers."""
+    tensors = _kernel_tensors(layer)
+    cached = layer.__dict__.get("_kernel_decoder")
+    if cached is not None and cached.current(tensors):
+        return cached.decode
+    values, codes, U, V, bias = tensors
     offsets = None
     if layer.kind == "nm":
         per_row = math.ceil(layer.in_features / layer.m) * layer.n
@@ -100,17 +140,14 @@ def _arrays(kernels: ModuleType, layer: Any) -> Any:
             raise ValueError(f"indices hold {codes.numel()} bytes, expected {expected}")
     else:
         offsets = row_offsets(layer)
-    arrays = kernels.layer_arrays(layer.values, codes, layer.U, layer.V, layer.bias, offsets)
-    layer.__dict__["_kernel_arrays"] = (tensors, versions, arrays)
-    return arrays
-
-
-def run_kernel(kernels: ModuleType, layer: Any, x2d: Tensor) -> Tensor:
-    """y for a call :func:`kernels_for` accepted (the layer's packed buffers, U, V, bias)."""
-    arrays = _arrays(kernels, layer)
+    arrays = kernels.layer_arrays(values, codes, U, V, bias, offsets)
     if layer.kind == "nm":
-        return kernels.nm_forward(x2d, arrays, layer.n, layer.m, layer.bits, layer.in_features)
-    return kernels.unstructured_forward(x2d, arrays, layer.in_features)
+        decode = kernels.nm_decoder(arrays, layer.n, layer.m, layer.bits, layer.in_features)
+    else:
+        decode = kernels.unstructured_decoder(arrays, layer.in_features)
+    versions = tuple(-1 if t is None else t._version for t in tensors)
+    layer.__dict__["_kernel_decoder"] = _CachedDecoder(tensors, versions, values.dtype, decode)
+    return decode
 
 
 @torch.no_grad()
@@ -128,4 +165,4 @@ def forward_kernel(layer: Any, x2d: Tensor) -> Tensor:
     kernels = decode_kernels()
     if kernels is None:
         raise RuntimeError(f"the packed kernel is unavailable (numba missing or {NO_KERNELS_ENV} set)")
-    return run_kernel(kernels, layer, x2d)
+    return _decoder(kernels, layer)(x2d)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -65,16 +66,16 @@ from torch import Tensor
 
 from hasslefree.nn.packed_intrinsics import host_has_avx2
 from hasslefree.nn.packed_row_kernels import (_EXPAND_RANKS, _IDENTITY_MASKS, _SET_BITS, _SET_COUNT, _TWO_FOUR_MASKS,
-                                              ROW_BLOCK, _bitmask_kernel, _masked_single_token_kernel, _nm_kernel,
-                                              _two_four_kernel, _unstructured_kernel, _xv_kernel,
-                                              _xv_serial)
+                                              ROW_BLOCK, XV_PARALLEL_MACS, _bitmask_kernel,
+                                              _masked_single_token_kernel, _nm_kernel, _two_four_kernel,
+                                              _unstructured_kernel, _xv_kernel, _xv_serial)
 
-__all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "LayerArrays", "layer_arrays", "nm_forward", "set_threads_like_torch",
-           "unstructured_forward"]
+__all__ = ["ROW_BLOCK", "SUPPORTED_DTYPES", "LayerArrays", "Decoder", "layer_arrays", "nm_decoder",
+           "set_threads_like_torch", "unstructured_decoder"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 HAVE_AVX2 = host_has_avx2()  # the permute routes for 2:4 and bit-mask rows
-XV_PARALLEL_MACS = 1 << 18  # below this, x V runs on one thread: starting the others costs more
+Decoder = Callable[[Tensor], Tensor]  # (tokens × in) → (tokens × out) for one layer
 
 
 # ----------------------------------------------------------------- torch-facing wrappers
@@ -151,46 +152,65 @@ def _output(y: np.ndarray, dtype: torch.dtype) -> Tensor:
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def nm_forward(x2d: Tensor, arrays: LayerArrays, n: int, m: int, bits: int, in_features: int) -> Tensor:
-    """(tokens × in) → (tokens × out) for a packed N:M layer (CPU, float32 or bfloat16)."""
-    out_f, per_row = arrays.values.shape
+def _one_entry(kernel: Callable[..., None], before: tuple, after: tuple, out_f: int) -> Decoder:
+    """A decoder that makes one compiled call, ``kernel(*before, x, *after, y)``: x and y in the
+    layer dtype (bf16 as bit patterns), everything else bound here once. A decode step calls
+    every layer once per token, so the Python work per call is kept to the two views."""
+    def decode(x2d: Tensor) -> Tensor:
+        set_threads_like_torch()
+        out = torch.empty((x2d.shape[0], out_f), dtype=x2d.dtype)
+        kernel(*before, _np(x2d), *after, _np(out))
+        return out
+    return decode
+
+
+def nm_decoder(arrays: LayerArrays, n: int, m: int, bits: int, in_features: int) -> Decoder:
+    """The decoder of a packed N:M layer (CPU, float32 or bfloat16 input of its dtype)."""
+    a = arrays
+    out_f, per_row = a.values.shape
+    two_four = (n, m) == (2, 4) and in_features % 16 == 0
+    if two_four and HAVE_AVX2:  # the permute path, any token count, one compiled entry
+        return _one_entry(_two_four_kernel, (a.values.reshape(-1), per_row, a.codes, in_features // 8,
+                                             in_features // 16), (a.U, a.V, a.bias, a.has_bias), out_f)
     groups = math.ceil(in_features / m)
     width = max(in_features, (groups - 1) * m + (1 << bits)) if groups else in_features
-    two_four = (n, m) == (2, 4) and in_features % 16 == 0
-    x = _inputs(x2d, in_features if two_four else width)
-    z = _low_rank_input(x, arrays, in_features)
-    y = np.empty((x.shape[0], out_f), dtype=np.float32)
+
+    def decode(x2d: Tensor) -> Tensor:
+        x = _inputs(x2d, in_features if two_four else width)
+        z = _low_rank_input(x, a, in_features)
+        y = np.empty((x.shape[0], out_f), dtype=np.float32)
+        set_threads_like_torch()
+        if two_four and x.shape[0] == 1:  # the masked-expand path
+            offsets = np.arange(out_f, dtype=np.int64) * per_row
+            _masked_single_token_kernel(a.values.reshape(-1), offsets, a.codes, in_features // 8, _TWO_FOUR_MASKS,
+                                        in_features // 16, x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
+        else:  # x is ``width`` wide here (for 2:4, width == in_features)
+            _nm_kernel(a.values, a.codes, n, m, bits, np.ascontiguousarray(x.T), a.U, z, a.bias, a.has_bias, y)
+        return _output(y, x2d.dtype)
+    return decode
+
+
+def unstructured_decoder(arrays: LayerArrays, in_features: int) -> Decoder:
+    """The decoder of a bit-mask layer; ``arrays.offsets`` (int64, out + 1 entries) holds the
+    index of every row's first value, then the number of values."""
     a = arrays
-    set_threads_like_torch()
-    if two_four and HAVE_AVX2:  # the permute path, any token count
-        _two_four_kernel(a.values.reshape(-1), per_row, a.codes, in_features // 8, in_features // 16,
-                         x.reshape(-1), x.shape[1], a.U, z, a.bias, a.has_bias, y)
-    elif two_four and x.shape[0] == 1:  # the masked-expand path
-        offsets = np.arange(out_f, dtype=np.int64) * per_row
-        _masked_single_token_kernel(a.values.reshape(-1), offsets, a.codes, in_features // 8, _TWO_FOUR_MASKS,
-                                    in_features // 16, x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
-    else:  # x is ``width`` wide here (for 2:4, width == in_features)
-        _nm_kernel(a.values, a.codes, n, m, bits, np.ascontiguousarray(x.T), a.U, z, a.bias, a.has_bias, y)
-    return _output(y, x2d.dtype)
-
-
-def unstructured_forward(x2d: Tensor, arrays: LayerArrays, in_features: int) -> Tensor:
-    """(tokens × in) → (tokens × out) for a bit-mask layer; ``arrays.offsets`` (int64, out + 1
-    entries) holds the index of every row's first value, then the number of values."""
-    out_f, row_bytes = arrays.codes.shape
-    if arrays.offsets is None or arrays.offsets.shape[0] != out_f + 1:
+    out_f, row_bytes = a.codes.shape
+    if a.offsets is None or a.offsets.shape[0] != out_f + 1:
         raise ValueError(f"offsets must hold {out_f + 1} entries")
-    x = _inputs(x2d, max(in_features, row_bytes * 8))
-    z = _low_rank_input(x, arrays, in_features)
-    y = np.empty((x.shape[0], out_f), dtype=np.float32)
-    a = arrays
-    set_threads_like_torch()
-    if HAVE_AVX2:  # the permute path, any token count
-        _bitmask_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, _EXPAND_RANKS, x, a.U, z, a.bias,
-                        a.has_bias, y)
-    elif x.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
-        _masked_single_token_kernel(a.values, a.offsets, a.codes, row_bytes, _IDENTITY_MASKS, row_bytes // 2,
-                                    x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
-    else:
-        _unstructured_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, x, a.U, z, a.bias, a.has_bias, y)
-    return _output(y, x2d.dtype)
+    if HAVE_AVX2:  # the permute path, any token count, one compiled entry
+        return _one_entry(_bitmask_kernel, (a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, _EXPAND_RANKS),
+                          (a.U, a.V, a.bias, a.has_bias), out_f)
+
+    def decode(x2d: Tensor) -> Tensor:
+        x = _inputs(x2d, max(in_features, row_bytes * 8))
+        z = _low_rank_input(x, a, in_features)
+        y = np.empty((x.shape[0], out_f), dtype=np.float32)
+        set_threads_like_torch()
+        if x.shape[0] == 1 and row_bytes % 2 == 0:  # the masked-expand path: two mask bytes per 16 inputs
+            _masked_single_token_kernel(a.values, a.offsets, a.codes, row_bytes, _IDENTITY_MASKS, row_bytes // 2,
+                                        x.reshape(-1), a.U, z, a.bias, a.has_bias, y)
+        else:
+            _unstructured_kernel(a.codes, a.values, a.offsets, _SET_COUNT, _SET_BITS, x, a.U, z, a.bias, a.has_bias,
+                                 y)
+        return _output(y, x2d.dtype)
+    return decode

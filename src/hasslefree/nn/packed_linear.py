@@ -251,9 +251,9 @@ class PackedSparseLowRankLinear(nn.Module):
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features)
         few = 0 < x2d.shape[0] <= self.decode_tokens
-        kernels = packed_dispatch.kernels_for(self, x2d) if few else None
-        if kernels is not None:
-            y = packed_dispatch.run_kernel(kernels, self, x2d)
+        decode = packed_dispatch.decoder_for(self, x2d) if few else None
+        if decode is not None:
+            y = decode(x2d)
         elif self.kind == "nm" and few:
             y = self.forward_gather(x2d)
         else:

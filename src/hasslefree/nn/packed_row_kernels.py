@@ -5,13 +5,15 @@ output rows in parallel and finishes each row with the fused low-rank term and b
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from hasslefree.nn.packed_intrinsics import (_f32, bitmask_row_dot, expand_rank_table, mask_tables, masked_row_dot,
                                               two_four_row_dot)
 
 ROW_BLOCK = 8  # output rows per parallel work item
 V_BLOCK = 256  # rows of V per partial sum of x V (fixed, so results do not depend on threads)
+XV_PARALLEL_MACS = 1 << 18  # below this, x V runs on one thread: starting the others costs more
 
 
 # ----------------------------------------------------------------- kernels
@@ -169,30 +171,41 @@ def _masked_single_token_kernel(values, offsets, codes, row_bytes, table, chunks
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _two_four_kernel(values, per_row, codes, row_bytes, chunks, x, stride, U, z, bias, has_bias, y):
-    """2:4 rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.two_four_row_dot`): row
-    ``o``'s values start at ``o · per_row`` of the flat ``values``, its codes at byte
-    ``o · row_bytes``; ``x`` is float32 tokens × ``stride`` flattened."""
-    tokens, out_f = y.shape
+def _two_four_kernel(values, per_row, codes, row_bytes, chunks, x_in, U, V, bias, has_bias, y_out):
+    """2:4 rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.two_four_row_dot`), the whole
+    call in one compiled entry: x widened, z = x V, the rows, the output rounded. Row ``o``'s
+    values start at ``o · per_row`` of the flat ``values``, its codes at byte ``o · row_bytes``;
+    ``x_in`` tokens × in (16 | in), ``y_out`` tokens × out, float32 or bfloat16 bit patterns."""
+    tokens, stride = x_in.shape
+    out_f = y_out.shape[1]
+    x = _widened(x_in, stride)
+    z = _low_rank_product(x, V, stride)
+    flat = x.reshape(-1)
+    y = np.empty((tokens, out_f), dtype=np.float32)
     row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
     for blk in prange(row_blocks):
         acc = np.zeros((4, tokens), dtype=np.float32)
         for o in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, out_f)):
             for t in range(tokens):
-                acc[0, t] = two_four_row_dot(values, o * per_row, codes, o * row_bytes, chunks, x, t * stride)
+                acc[0, t] = two_four_row_dot(values, o * per_row, codes, o * row_bytes, chunks, flat, t * stride)
             _finish_row(acc, o, U, z, bias, has_bias, y)
+    _store_output(y, y_out)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _bitmask_kernel(mask, values, offsets, set_count, set_bits, table, x, U, z, bias, has_bias, y):
+def _bitmask_kernel(mask, values, offsets, set_count, set_bits, table, x_in, U, V, bias, has_bias, y_out):
     """Bit-mask rows on AVX2 (see :func:`~hasslefree.nn.packed_intrinsics.bitmask_row_dot`),
-    1 to ``decode_tokens`` tokens; ``x`` float32 tokens × (≥ 8 · row bytes), zero padded. The
-    last rows, whose 8-value loads would run past the stored values, take the scalar walk of
-    :func:`_unstructured_kernel` instead."""
+    1 to ``decode_tokens`` tokens, in one compiled entry like :func:`_two_four_kernel`; ``x_in``
+    tokens × in (zero-padded here to 8 · row bytes). The last rows, whose 8-value loads would
+    run past the stored values, take the scalar walk of :func:`_unstructured_kernel` instead."""
     out_f, row_bytes = mask.shape
-    tokens, stride = x.shape
+    tokens, n_in = x_in.shape
+    stride = row_bytes * 8
+    x = _widened(x_in, stride)
+    z = _low_rank_product(x, V, n_in)
     flat = x.reshape(-1)
     total = values.shape[0]
+    y = np.empty((tokens, out_f), dtype=np.float32)
     row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
     for blk in prange(row_blocks):
         acc = np.zeros((4, tokens), dtype=np.float32)
@@ -205,6 +218,55 @@ def _bitmask_kernel(mask, values, offsets, set_count, set_bits, table, x, U, z, 
             else:
                 _mask_row_walk(acc, mask, values, offsets[o], o, set_count, set_bits, x)
             _finish_row(acc, o, U, z, bias, has_bias, y)
+    _store_output(y, y_out)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _widened(x_in, width):
+    """x_in (tokens × in, float32 or bfloat16 bits) as float32 tokens × ``width`` (≥ in), zeros
+    past ``in`` (exact)."""
+    tokens, n_in = x_in.shape
+    x = np.zeros((tokens, width), dtype=np.float32)
+    for t in range(tokens):
+        for i in range(n_in):
+            x[t, i] = _f32(x_in[t, i])
+    return x
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _low_rank_product(x, V, n_in):
+    """z = x V as :func:`_xv_kernel` (parallel, blocked) or :func:`_xv_serial` (one thread,
+    below :data:`XV_PARALLEL_MACS` multiply-adds) compute it: the same bits as the split calls."""
+    if x.shape[0] * n_in * V.shape[1] >= XV_PARALLEL_MACS:
+        return _xv_kernel(x, V, n_in)
+    return _xv_serial(x, V, n_in)
+
+
+def _store_output(y, y_out):  # pragma: no cover - replaced by the overload inside compiled code
+    raise NotImplementedError
+
+
+@overload(_store_output)
+def _store_output_overload(y, y_out):
+    """y (float32) into ``y_out``: float32 as it is, int16 as bfloat16 rounded to nearest even
+    (NaN as 0x7FC0), bit for bit what ``Tensor.to(torch.bfloat16)`` gives."""
+    if isinstance(y_out.dtype, types.Float):
+        def copy(y, y_out):
+            y_out[:, :] = y
+        return copy
+
+    def rounded(y, y_out):
+        bits = y.view(np.uint32)
+        for t in range(y.shape[0]):
+            for o in range(y.shape[1]):
+                b = np.uint32(bits[t, o])
+                if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                    y_out[t, o] = np.int16(0x7FC0)
+                else:
+                    r = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                    y_out[t, o] = np.int16(np.int32(r) - (np.int32(r) & np.int32(0x8000)) * 2)
+        return None
+    return rounded
 
 
 def _set_bit_table() -> tuple[np.ndarray, np.ndarray]:
