@@ -406,3 +406,35 @@ def test_decoder_cached_and_rebuilt_on_change(kernels: None, pattern: str) -> No
         assert packed_dispatch.decoder_for(p, x) is not second
         assert_close_ref(p(x), m, x)
         assert packed_dispatch.decoder_for(p, x.double()) is None  # no float64 kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_in, rank", [(1, 8), (300, 13), (1000, 64), (515, 5), (257, 0)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_low_rank_input_both_routes_match_float64(kernels: None, dtype: torch.dtype, n_in: int, rank: int,
+                                                  tokens: int) -> None:
+    """z = x V, serial and blocked-parallel (the blocked route sums rows of V in blocks of
+    V_BLOCK): within the float32 bound of float64 on awkward widths and ranks (octets and their
+    tail); x wider than n_in (padding) is ignored."""
+    from hasslefree.nn.packed_kernels import _np
+    from hasslefree.nn.packed_row_kernels import _xv_kernel, _xv_serial
+
+    g = torch.Generator().manual_seed(n_in + rank)
+    x = torch.randn(tokens, n_in + 3, generator=g)
+    V = torch.randn(n_in, rank, generator=g).to(dtype)
+    exact = x[:, :n_in].double() @ V.double()
+    bound = (n_in + 2) * 2.0**-24 * (x[:, :n_in].double().abs() @ V.double().abs())
+    for route in (_xv_serial, _xv_kernel):
+        z = torch.from_numpy(route(x.numpy(), _np(V), n_in))
+        assert z.shape == (tokens, rank)
+        assert bool(((z.double() - exact).abs() <= bound).all()), route
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", ["2:4", "3:8", "unstructured"])
+@pytest.mark.parametrize("rank", [8, 13, 64])  # the low-rank term in octets, and octets + a tail
+def test_kernels_with_ranks_in_octets_match_float64(kernels: None, dtype: torch.dtype, pattern: str, rank: int) -> None:
+    m = make_layer(29, 96, pattern, rank, True, dtype, density=0.4, seed=rank)
+    p = PackedSparseLowRankLinear.from_module(m)
+    for x in inputs(96, dtype, seed=rank):
+        assert_close_ref(p.forward_kernel(x), m, x)

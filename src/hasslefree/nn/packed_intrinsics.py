@@ -12,7 +12,8 @@ with the 16 contiguous inputs accumulates. No gathers, one pass over the packed 
 generic expand sequence is scalar): the values of a 16-input chunk are already contiguous (8 of
 them), so instead of spreading values it brings the inputs to them: the chunk's 16 code bits
 (8 positions) are shifted into 8 lanes, and two in-lane ``vpermilps`` (which read the low 2 bits
-of each index) over the inputs arranged as groups 0|2 and 1|3, then a blend, give the 8 inputs
+of each index) over the inputs arranged as groups 0|2 and 1|3 (once per call, by the caller),
+then a blend, give the 8 inputs
 the 8 kept values multiply. Two accumulators (even and odd chunks) hide the add latency.
 """
 
@@ -137,19 +138,19 @@ def _even_odd_sum(builder: ir.IRBuilder, count: ir.Value, step: Any, vector: ir.
 
 @intrinsic
 def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstart):
-    """float32 Σ_c values[vstart + 8c : +8] · (the 8 kept inputs of x[xstart + 16c : +16]) over
-    ``nchunks`` chunks of a 2:4 row (AVX2 only); ``codes`` uint8, the row's chunk c coded by the
-    16 bits at byte ``cstart + 2c`` (even); ``values`` float32 or bfloat16 bit patterns (int16);
-    ``x`` float32. Even chunks sum into one vector, odd into another; (even + odd) is reduced by
-    a fixed tree."""
+    """float32 Σ_c values[vstart + 8c : +8] · (the 8 kept inputs of chunk c) over ``nchunks``
+    chunks of a 2:4 row (AVX2 only); ``codes`` uint8, the row's chunk c coded by the 16 bits at
+    byte ``cstart + 2c`` (even); ``values`` float32 or bfloat16 bit patterns (int16); ``x``
+    float32 arranged by :func:`~hasslefree.nn.packed_row_kernels._two_four_arranged` (chunk c's groups 0, 2, 1, 3 at
+    ``xstart + 16c``: two plain loads per chunk). Even chunks sum into one vector, odd into
+    another; (even + odd) is reduced by a fixed tree."""
     bf16 = isinstance(values.dtype, types.Integer)
     sig = types.float32(values, vstart, codes, cstart, nchunks, x, xstart)
 
     def codegen(context, builder, signature, args):
         arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 5)]
         i16, i32, i64, f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-        v8f, v8i32, v4f, v8i16 = ir.VectorType(f32, 8), ir.VectorType(i32, 8), ir.VectorType(f32, 4), \
-            ir.VectorType(i16, 8)
+        v8f, v8i32, v8i16 = ir.VectorType(f32, 8), ir.VectorType(i32, 8), ir.VectorType(i16, 8)
         module = builder.module
         permil = cgutils.get_or_insert_function(module, ir.FunctionType(v8f, [v8f, v8i32]),
                                                 "llvm.x86.avx.vpermilvar.ps.256")
@@ -164,8 +165,8 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
         # vpermilps reads only the low two bits of each index
         shifts = ir.Constant(v8i32, [0, 2, 4, 6, 8, 10, 12, 14])
 
-        def quarter(at):
-            return builder.load(builder.bitcast(builder.gep(xbase, [at]), v4f.as_pointer()), align=4)
+        def octet(at):
+            return builder.load(builder.bitcast(builder.gep(xbase, [at]), v8f.as_pointer()), align=4)
 
         def chunk(c, acc) -> None:
             code = builder.zext(builder.load(builder.gep(cbase, [builder.add(cstart, c)]), align=1), i32)
@@ -173,9 +174,8 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
                                             ir.Constant(v8i32, None), ir.Constant(v8i32, [0] * 8))
             idx = builder.lshr(spread, shifts)
             xat = builder.add(xstart, builder.shl(c, ir.Constant(i64, 4)))
-            g = [quarter(builder.add(xat, ir.Constant(i64, 4 * k))) for k in range(4)]  # the chunk's 4 groups
-            even = builder.shuffle_vector(g[0], g[2], ir.Constant(v8i32, list(range(8))))  # groups 0 | 2
-            odd = builder.shuffle_vector(g[1], g[3], ir.Constant(v8i32, list(range(8))))  # groups 1 | 3
+            even = octet(xat)  # groups 0 | 2 (x arranged by the caller)
+            odd = octet(builder.add(xat, ir.Constant(i64, 8)))  # groups 1 | 3
             # in-lane permutes: lanes 0, 1 (4, 5) pick group 0's (2's) inputs, lanes 2, 3 (6, 7) group 1's (3's)
             picked = builder.shuffle_vector(builder.call(permil, [even, idx]), builder.call(permil, [odd, idx]),
                                             ir.Constant(v8i32, [0, 1, 10, 11, 4, 5, 14, 15]))
@@ -186,6 +186,76 @@ def two_four_row_dot(typingctx, values, vstart, codes, cstart, nchunks, x, xstar
             builder.store(builder.fadd(builder.load(acc), builder.fmul(lanes, picked)), acc)
 
         return _even_odd_sum(builder, count, chunk, v8f)
+
+    return sig, codegen
+
+
+@intrinsic
+def dense_dot8(typingctx, a, astart, b, bstart, count):
+    """float32 Σ_{j < 8·count} a[astart + j] · b[bstart + j] (flat indices into C-contiguous
+    arrays), eight lanes at a time: even octets into one vector accumulator, odd into another,
+    reduced by a fixed tree. ``a`` float32 or bfloat16 bit patterns (int16), ``b`` float32. Plain
+    LLVM vectors: any x86 CPU (the low-rank term of every row, ``U[o] · z[t]``)."""
+    bf16 = isinstance(a.dtype, types.Integer)
+    sig = types.float32(a, astart, b, bstart, count)
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2)]
+        i16, i32, i64, f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v8f, v8i32, v8i16 = ir.VectorType(f32, 8), ir.VectorType(i32, 8), ir.VectorType(i16, 8)
+        lane_type = v8i16 if bf16 else v8f
+        abase = builder.bitcast(arrays[0].data, lane_type.element.as_pointer())
+        bbase = builder.bitcast(arrays[1].data, f32.as_pointer())
+        astart, bstart, count = (_as_i64(builder, args[i]) for i in (1, 3, 4))
+
+        def step(i, acc) -> None:
+            at = builder.shl(i, ir.Constant(i64, 3))
+            lanes = builder.load(builder.bitcast(builder.gep(abase, [builder.add(astart, at)]), lane_type.as_pointer()),
+                                 align=2 if bf16 else 4)
+            if bf16:  # bits << 16 reinterpreted as float32: exact
+                lanes = builder.bitcast(builder.shl(builder.zext(lanes, v8i32), ir.Constant(v8i32, 16)), v8f)
+            other = builder.load(builder.bitcast(builder.gep(bbase, [builder.add(bstart, at)]), v8f.as_pointer()),
+                                 align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(lanes, other)), acc)
+
+        return _even_odd_sum(builder, count, step, v8f)
+
+    return sig, codegen
+
+
+@intrinsic
+def add_column_octet(typingctx, V, k0, x, xstart, i0, i1, z, zstart):
+    """z[zstart + j] += Σ_{i0 <= i < i1} x[xstart + i] · V[i, k0 + j] for the eight j < 8, the
+    terms added in the order of i (each lane exactly the scalar loop's sum, vectorised over
+    eight columns of V); ``V`` 2-D C-contiguous float32 or bfloat16 bit patterns (int16), ``x``
+    and ``z`` float32 (flat indices)."""
+    bf16 = isinstance(V.dtype, types.Integer)
+    sig = types.none(V, k0, x, xstart, i0, i1, z, zstart)
+
+    def codegen(context, builder, signature, args):
+        varr, xarr, zarr = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 6))
+        i16, i32, i64, f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v8f, v8i32, v8i16 = ir.VectorType(f32, 8), ir.VectorType(i32, 8), ir.VectorType(i16, 8)
+        lane_type = v8i16 if bf16 else v8f
+        stride = cgutils.unpack_tuple(builder, varr.shape, 2)[1]  # elements per row of V
+        vbase = builder.bitcast(varr.data, lane_type.element.as_pointer())
+        xbase = builder.bitcast(xarr.data, f32.as_pointer())
+        zptr = builder.bitcast(builder.gep(builder.bitcast(zarr.data, f32.as_pointer()),
+                                           [_as_i64(builder, args[7])]), v8f.as_pointer())
+        k0, xstart, i0, i1 = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5))
+        acc = cgutils.alloca_once_value(builder, builder.load(zptr, align=4))
+        with cgutils.for_range(builder, builder.sub(i1, i0)) as loop:
+            i = builder.add(i0, loop.index)
+            row = builder.gep(vbase, [builder.add(builder.mul(i, stride), k0)])
+            lanes = builder.load(builder.bitcast(row, lane_type.as_pointer()), align=2 if bf16 else 4)
+            if bf16:  # bits << 16 reinterpreted as float32: exact
+                lanes = builder.bitcast(builder.shl(builder.zext(lanes, v8i32), ir.Constant(v8i32, 16)), v8f)
+            xi = builder.load(builder.gep(xbase, [builder.add(xstart, i)]))
+            spread = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, None), xi, ir.Constant(i32, 0)),
+                                            ir.Constant(v8f, None), ir.Constant(v8i32, [0] * 8))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(spread, lanes)), acc)
+        builder.store(builder.load(acc), zptr, align=4)
+        return context.get_dummy_value()
 
     return sig, codegen
 

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from hasslefree.nn.packed_intrinsics import (_f32, bitmask_row_dot, expand_rank_table, mask_tables, masked_row_dot,
+from hasslefree.nn.packed_intrinsics import (_f32, add_column_octet, bitmask_row_dot, dense_dot8, expand_rank_table, mask_tables, masked_row_dot,
                                               two_four_row_dot)
 
 ROW_BLOCK = 8  # output rows per parallel work item
@@ -26,12 +26,7 @@ def _xv_kernel(x, V, n_in):
     blocks = (n_in + V_BLOCK - 1) // V_BLOCK
     partial = np.zeros((blocks, tokens, rank), dtype=np.float32)
     for blk in prange(blocks):
-        i1 = min((blk + 1) * V_BLOCK, n_in)
-        for i in range(blk * V_BLOCK, i1):
-            for t in range(tokens):
-                xi = x[t, i]
-                for k in range(rank):
-                    partial[blk, t, k] += xi * _f32(V[i, k])
+        _xv_rows(x, V, blk * V_BLOCK, min((blk + 1) * V_BLOCK, n_in), partial[blk])
     z = np.zeros((tokens, rank), dtype=np.float32)
     for blk in range(blocks):
         for t in range(tokens):
@@ -43,43 +38,46 @@ def _xv_kernel(x, V, n_in):
 @njit(cache=True, fastmath=False)
 def _xv_serial(x, V, n_in):
     """z = x V on one thread for small layers, summed over the rows of V in order."""
-    tokens = x.shape[0]
-    rank = V.shape[1]
-    z = np.zeros((tokens, rank), dtype=np.float32)
-    for i in range(n_in):
-        for t in range(tokens):
-            xi = x[t, i]
-            for k in range(rank):
-                z[t, k] += xi * _f32(V[i, k])
+    z = np.zeros((x.shape[0], V.shape[1]), dtype=np.float32)
+    _xv_rows(x, V, 0, n_in, z)
     return z
 
 
 @njit(cache=True, fastmath=False, inline="always")
+def _xv_rows(x, V, i0, i1, z):
+    """z[t, k] += Σ_{i0 <= i < i1} x[t, i] V[i, k], each sum in the order of i: eight columns
+    at a time (:func:`~hasslefree.nn.packed_intrinsics.add_column_octet`), the last rank % 8
+    one by one."""
+    tokens, width = x.shape
+    rank = V.shape[1]
+    octets = rank // 8
+    flat_x = x.reshape(-1)
+    flat_z = z.reshape(-1)
+    for t in range(tokens):
+        for kb in range(octets):
+            add_column_octet(V, kb * 8, flat_x, t * width, i0, i1, flat_z, t * rank + kb * 8)
+        for k in range(octets * 8, rank):
+            s = z[t, k]
+            for i in range(i0, i1):
+                s += x[t, i] * _f32(V[i, k])
+            z[t, k] = s
+
+
+@njit(cache=True, fastmath=False, inline="always")
 def _finish_row(acc, o, U, z, bias, has_bias, y):
-    """y[:, o] = (Σ partials) + U[o] · z[t] + bias[o], in float32."""
+    """y[:, o] = (Σ partials) + U[o] · z[t] + bias[o], in float32; the low-rank term eight
+    lanes at a time (:func:`~hasslefree.nn.packed_intrinsics.dense_dot8`), the last rank % 8
+    terms after it in order."""
     tokens = y.shape[0]
     rank = U.shape[1]
+    octets = rank // 8
     for t in range(tokens):
         s = (acc[0, t] + acc[1, t]) + (acc[2, t] + acc[3, t])
-        if rank > 0:  # four partial sums (term k in partial k % 4): no single add-latency chain
-            l0 = np.float32(0.0)
-            l1 = np.float32(0.0)
-            l2 = np.float32(0.0)
-            l3 = np.float32(0.0)
-            k = 0
-            while k + 4 <= rank:
-                l0 += _f32(U[o, k]) * z[t, k]
-                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
-                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
-                l3 += _f32(U[o, k + 3]) * z[t, k + 3]
-                k += 4
-            if k < rank:
-                l0 += _f32(U[o, k]) * z[t, k]
-            if k + 1 < rank:
-                l1 += _f32(U[o, k + 1]) * z[t, k + 1]
-            if k + 2 < rank:
-                l2 += _f32(U[o, k + 2]) * z[t, k + 2]
-            s += (l0 + l1) + (l2 + l3)
+        if rank > 0:
+            low = dense_dot8(U, o * rank, z, t * rank, octets)
+            for k in range(octets * 8, rank):
+                low += _f32(U[o, k]) * z[t, k]
+            s += low
         if has_bias:
             s += _f32(bias[o])
         y[t, o] = s
@@ -180,7 +178,7 @@ def _two_four_kernel(values, per_row, codes, row_bytes, chunks, x_in, U, V, bias
     out_f = y_out.shape[1]
     x = _widened(x_in, stride)
     z = _low_rank_product(x, V, stride)
-    flat = x.reshape(-1)
+    flat = _two_four_arranged(x).reshape(-1)
     y = np.empty((tokens, out_f), dtype=np.float32)
     row_blocks = (out_f + ROW_BLOCK - 1) // ROW_BLOCK
     for blk in prange(row_blocks):
@@ -231,6 +229,22 @@ def _widened(x_in, width):
         for i in range(n_in):
             x[t, i] = _f32(x_in[t, i])
     return x
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _two_four_arranged(x):
+    """x (tokens × 16·chunks) with each chunk's groups of 4 in the order 0, 2, 1, 3: what
+    :func:`~hasslefree.nn.packed_intrinsics.two_four_row_dot` loads as two vectors."""
+    tokens, width = x.shape
+    arranged = np.empty_like(x)
+    for t in range(tokens):
+        for c in range(0, width, 16):
+            for j in range(4):
+                arranged[t, c + j] = x[t, c + j]
+                arranged[t, c + 4 + j] = x[t, c + 8 + j]
+                arranged[t, c + 8 + j] = x[t, c + 4 + j]
+                arranged[t, c + 12 + j] = x[t, c + 12 + j]
+    return arranged
 
 
 @njit(cache=True, fastmath=False, inline="always")
