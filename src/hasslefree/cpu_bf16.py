@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 __all__ = ["MIN_ROWS", "NATIVE_ENV", "Float32Products", "bf16_products_in_float32", "bf16_products_in_float32_for_prompts",
-           "native_bf16"]
+           "float32_products_wanted", "native_bf16"]
 
 NATIVE_ENV = "HASSLEFREE_NATIVE_BF16"
 
@@ -76,7 +76,7 @@ def bf16_products_in_float32(enabled: bool | None = None) -> Iterator[None]:
     """Within the block, large bfloat16 CPU products run in float32 (``enabled=None``: only
     where :func:`native_bf16` is false and ``HASSLEFREE_NATIVE_BF16`` is not set to 1)."""
     if enabled is None:
-        enabled = _wanted()
+        enabled = float32_products_wanted()
     if not enabled:
         yield
         return
@@ -84,7 +84,9 @@ def bf16_products_in_float32(enabled: bool | None = None) -> Iterator[None]:
         yield
 
 
-def _wanted() -> bool:
+def float32_products_wanted() -> bool:
+    """Whether bf16 CPU products go through float32 here: no native bf16, and
+    ``HASSLEFREE_NATIVE_BF16`` not set to 1."""
     return not native_bf16() and os.environ.get(NATIVE_ENV, "") != "1"
 
 
@@ -94,7 +96,7 @@ def bf16_products_in_float32_for_prompts(model: nn.Module, enabled: bool | None 
     prefill) run under :class:`Float32Products`; shorter ones (decode steps) run without it: the
     mode's Python hook on every torch call costs more there than it could gain (a packed
     SmolLM2 layer: 112 -> 150 µs per call). ``enabled`` as for :func:`bf16_products_in_float32`."""
-    if not (_wanted() if enabled is None else enabled):
+    if not (float32_products_wanted() if enabled is None else enabled):
         yield
         return
     had_own = "forward" in model.__dict__

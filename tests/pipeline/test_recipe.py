@@ -123,3 +123,20 @@ def test_cli_recipe_repeats_a_run_bit_for_bit(tmp_path, capsys):
     assert main(["compress", "stories260K", "--out", str(tmp_path / "third"), "--recipe",
                  str(first / "report.json"), "--rank", "8"]) == 2
     assert "drop --rank" in capsys.readouterr().err
+
+
+def test_report_says_how_bf16_products_ran(monkeypatch: pytest.MonkeyPatch):
+    """A bf16 CPU run records whether its block forwards used the float32 products; other runs
+    record nothing."""
+    from hasslefree import cpu_bf16
+
+    ids = token_batch(2, 32)
+    settings = dict(pattern="2:4", rank=0, method="magnitude", progress=False)
+    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda: False)
+    monkeypatch.delenv(cpu_bf16.NATIVE_ENV, raising=False)
+    assert compress(tiny_llama().to(torch.bfloat16), calibration=ids, activation_dtype=torch.bfloat16,
+                    **settings).bf16_products == "float32"
+    monkeypatch.setenv(cpu_bf16.NATIVE_ENV, "1")
+    report = compress(tiny_llama().to(torch.bfloat16), calibration=ids, activation_dtype=torch.bfloat16, **settings)
+    assert report.bf16_products == "native" and report.to_json()["bf16_products"] == "native"
+    assert compress(tiny_llama(), calibration=ids, activation_dtype=torch.float32, **settings).bf16_products is None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hasslefree.cpu_bf16 import float32_products_wanted
 from hasslefree.decompose import check_numeric_options, check_solver_options, decompose_group, decompose_layer
 from hasslefree.hss.options import HSSOptions
 from hasslefree.patterns import SparsityPattern
@@ -210,13 +211,20 @@ def compress(
                                config={k: v for k, v in config.items() if k != "model"}, layers=records,
                                timings=timer.summary(), resumed_blocks=resumed, peak_rss_mb=round(peak_rss_mb(), 1),
                                cuda_peak_mb=cuda_peak_mb(device), matching=[asdict(m) for m in matches],
-                               recipe=recipe.to_dict())
+                               recipe=recipe.to_dict(), bf16_products=_bf16_products(device, activation_dtype))
     logger.info("%s", report.summary())
     if out_dir is not None and ranks.writes:
         streamed = None if block_weights is None or dense else _StreamedBlocks(plan.architecture.blocks, store,
                                                                                 block_weights)
         _write_outputs(model, tokenizer, Path(out_dir), report, dense, streamed)
     return report
+
+
+def _bf16_products(device: torch.device, activation_dtype: torch.dtype) -> str | None:
+    """How this run's bf16 block forwards multiplied (the report's ``bf16_products``)."""
+    if device.type != "cpu" or activation_dtype != torch.bfloat16:
+        return None
+    return "float32" if float32_products_wanted() else "native"
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any] | None, settings: Mapping[str, Any]) -> Recipe:

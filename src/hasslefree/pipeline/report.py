@@ -73,6 +73,9 @@ class CompressionReport:
     cuda_peak_mb: float | None = None
     matching: list[dict[str, Any]] = field(default_factory=list)  # per block, when block-output matching ran
     recipe: dict[str, Any] | None = None  # the run's Recipe.to_dict(): rerun it with --recipe report.json
+    # bf16 activations on the CPU: "float32" when the block forwards computed their products in
+    # float32 (hasslefree.cpu_bf16: no native bf16 here), "native" otherwise; None for other runs
+    bf16_products: str | None = None
 
     @property
     def parameters(self) -> int:
@@ -91,7 +94,8 @@ class CompressionReport:
         total = self.timings.get("total", sum(self.timings.values()))
         return (f"{len(self.layers)} layers: parameters {self.parameters:,} / {self.dense_parameters:,} dense "
                 f"({ratio:.3f}); relative error mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}; "
-                f"{total:.1f} s; peak RSS {self.peak_rss_mb:.0f} MB")
+                f"{total:.1f} s; peak RSS {self.peak_rss_mb:.0f} MB"
+                + (f"; bf16 products {self.bf16_products}" if self.bf16_products else ""))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
