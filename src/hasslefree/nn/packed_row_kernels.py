@@ -8,8 +8,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from hasslefree.nn.packed_intrinsics import (_f32, add_column_octet, bitmask_row_dot, dense_dot8, expand_rank_table, mask_tables, masked_row_dot,
+from hasslefree.nn.packed_intrinsics import (bitmask_row_dot, expand_rank_table, mask_tables, masked_row_dot,
                                               two_four_row_dot)
+from hasslefree.nn.vector_intrinsics import _f32, add_column_octet, dense_dot8
 
 ROW_BLOCK = 8  # output rows per parallel work item
 V_BLOCK = 256  # rows of V per partial sum of x V (fixed, so results do not depend on threads)
