@@ -86,8 +86,8 @@ def test_model_logits_match_native_bf16() -> None:
         float(F.cross_entropy(plain[:, :-1].flatten(0, 1), windows[:, 1:].flatten())), rel=1e-2)
 
 
-def test_perplexity_uses_float32_products_where_needed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda: False)
+def _count_mode_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The functions :class:`Float32Products` sees from now on (the list fills as they run)."""
     calls = []
     original = Float32Products.__torch_function__
 
@@ -96,6 +96,12 @@ def test_perplexity_uses_float32_products_where_needed(monkeypatch: pytest.Monke
         return original(self, func, types, args, kwargs)
 
     monkeypatch.setattr(Float32Products, "__torch_function__", counting)
+    return calls
+
+
+def test_perplexity_uses_float32_products_where_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda: False)
+    calls = _count_mode_calls(monkeypatch)
     model = tiny_llama(seed=3).to(torch.bfloat16)
     tokens = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
     value = perplexity(model, tokens, 64)
@@ -105,14 +111,7 @@ def test_perplexity_uses_float32_products_where_needed(monkeypatch: pytest.Monke
 def test_prompts_only_mode_skips_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Generation runs the prompt under the float32 products and decode steps without the mode;
     the model's forward is restored afterwards, also when a call raises."""
-    calls = []
-    original = Float32Products.__torch_function__
-
-    def counting(self, func, types, args=(), kwargs=None):
-        calls.append(func)
-        return original(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(Float32Products, "__torch_function__", counting)
+    calls = _count_mode_calls(monkeypatch)
     model = tiny_llama(seed=3).to(torch.bfloat16).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, MIN_ROWS), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), cpu_bf16.bf16_products_in_float32_for_prompts(model, enabled=True):
