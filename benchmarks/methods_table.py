@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
             if reuse is not None:
                 logger.info("    reusing the finished run in %s", reuse)
             partial = path.with_suffix(".partial")
+            if args.fresh:  # recomputed from scratch: no datasets from an earlier evaluation
+                partial.unlink(missing_ok=True)
             done[key] = run_row(row, calibration, tokens, args, reuse, partial)
             done[key]["commit"] = _git("rev-parse", "--short", "HEAD")
             write_json(path, done[key])
