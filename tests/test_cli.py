@@ -80,6 +80,22 @@ def test_bad_options(tmp_path, capsys):
     assert "unknown dataset" in _error(capsys, ["eval", "stories260K", "--ppl", "nosuchset", "-q"])
 
 
+def test_layer_target_flag_reaches_the_run(tmp_path, capsys):
+    text = stories_text()
+    out = tmp_path / "moved"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "stories260K", "--out", str(out), "--layer-target", "dense", "-q"])
+    assert exit_info.value.code == 2 and "--layer-target" in capsys.readouterr().err
+    assert main(["compress", "stories260K", "--out", str(out), "--calib", text, "--nsamples", "2", "--seqlen", "64",
+                 "--rank", "4", "--method", "hassle-free-fast", "--iterations", "2", "--layer-target", "model",
+                 "-q"]) == 0
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["layer_target"] == "model" and report["config"]["layer_target"] == "model"
+    assert report["timings"]["dense targets"] > 0
+
+
 def test_parse_overrides():
     assert parse_overrides(["mlp.down_proj=rank:32,pattern:4:8", r"o_proj$=skip"]) == {
         "mlp.down_proj": {"rank": 32, "pattern": "4:8"}, r"o_proj$": {"skip": True}}

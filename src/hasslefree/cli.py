@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hasslefree.cli_args import (HSS_FLAGS, UsageError, device_from_arg, dtype_from_arg, hss_from_args, one_line,
-                                  parse_overrides, rank_from_args, recipe_from_args)
+                                  parse_overrides, quiet_transformers, rank_from_args, recipe_from_args)
 
 logger = logging.getLogger("hasslefree.cli")
 
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     if args.quiet:
-        _quiet_transformers()
+        quiet_transformers()
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:
@@ -38,16 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("hasslefree: interrupted\n")
         return 130
-
-
-def _quiet_transformers() -> None:
-    """No loading progress bars or notices from transformers under --quiet."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--coordinate-damp", type=float,
                    help="extra damping as a fraction of each H_jj (the official code's runs: "
                         "--percdamp 0.005 --coordinate-damp 0.005)")
+    c.add_argument("--layer-target", choices=("layer", "model"), default="layer",
+                   help="fit each layer to the dense layer on the compressed chain's inputs (layer) or to the "
+                        "dense model's own layer outputs, correcting the error carried in (model)")
     c.add_argument("--tolerance", type=float,
                    help="stop a layer's iterations once its objective improves by less than this "
                         "fraction over 5 iterations (default: the method's; 0 runs them all)")

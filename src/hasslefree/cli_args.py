@@ -52,8 +52,8 @@ def rank_from_args(args: argparse.Namespace) -> Any:
 
 # compress flags that are part of the recipe (everything that changes the result)
 RECIPE_FLAGS = ("pattern", "rank", "rho", "kappa", "method", "iterations", "override", "skip", "seed", "percdamp",
-                "coordinate_damp", "tolerance", "match_epochs", "match_lr", "match_target", "calib", "nsamples",
-                "seqlen", "batch_size", "no_true_sequential", "no_modules", "activation_dtype", "sparsity",
+                "coordinate_damp", "tolerance", "match_epochs", "match_lr", "match_target", "layer_target", "calib",
+                "nsamples", "seqlen", "batch_size", "no_true_sequential", "no_modules", "activation_dtype", "sparsity",
                 "outer_rank", "hss_budget", "leaf", "min_rank", "rank_decay", "sweeps")
 
 
@@ -76,6 +76,7 @@ def recipe_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
         pattern=args.pattern, rank=rank_from_args(args), method=args.method, iterations=args.iterations,
         overrides=parse_overrides(args.override), skip=(*DEFAULT_SKIP, *args.skip), seed=args.seed,
         hss=hss_from_args(args), match=MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target),
+        layer_target=args.layer_target,
         calib=args.calib, nsamples=args.nsamples, seqlen=2048 if args.seqlen is None else args.seqlen,
         batch_size=args.batch_size,
         true_sequential=not args.no_true_sequential, dense=args.no_modules,
@@ -120,3 +121,13 @@ def device_from_arg(name: str | None) -> str:
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def quiet_transformers() -> None:
+    """No loading progress bars or notices from transformers under --quiet."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

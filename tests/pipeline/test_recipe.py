@@ -23,7 +23,7 @@ RECIPES = [
            overrides={"down_proj": {"rank": 8, "pattern": "2:4"}}, skip=("o_proj",),
            engine=EngineOptions(percdamp=0.02, coordinate_damp=0.005, tolerance=0.0, loop_options={"refresh_every": 2}),
            match=MatchOptions(epochs=1, lr=3e-4, target="model"), activation_dtype="bfloat16"),
-    Recipe(pattern="2:8", rho=0.5, method="oats", true_sequential=False, batch_size=2),
+    Recipe(pattern="2:8", rho=0.5, method="oats", true_sequential=False, batch_size=2, layer_target="model"),
     Recipe(pattern="unstructured:0.5", rho=0.5, kappa=0.3, method="hassle-free-exact"),
     Recipe(method="shss", hss=HSSOptions(sparsity=0.2, outer_rank=64, leaf=32)),
 ]
@@ -49,6 +49,7 @@ def test_json_round_trip(recipe):
     ({"nsamples": 0}, "nsamples"),
     ({"activation_dtype": "float64"}, "activation_dtype"),
     ({"dense": "yes"}, "dense"),
+    ({"layer_target": "dense"}, "layer_target"),
     ({"skip": "o_proj"}, "skip"),
     ({"engine": {"percdamp": "0.1"}}, "percdamp"),
     ({"match": {"epochs": 1}, "dense": True}, "dense"),

@@ -152,7 +152,10 @@ def compress(
     ``match`` (:class:`MatchOptions` or a mapping such as ``{"epochs": 2, "lr": 1e-4,
     "target": "model"}``) tunes each compressed block's kept sparse values and U, V so its
     outputs match the dense block's ("block") or the dense model's ("model"); see
-    :mod:`hasslefree.pipeline.matching`.
+    :mod:`hasslefree.pipeline.matching`. ``layer_target="model"`` fits every layer to the dense
+    model's outputs of that layer rather than to the dense layer on the compressed chain's
+    inputs, so each layer also corrects the error carried in (see
+    :mod:`hasslefree.pipeline.dense_targets`).
 
     HSS methods (``shss``, ``shss-rcm``, ``shss-whitened``, ``shss-rcm-whitened``) replace a
     layer by :class:`hasslefree.hss.HSSLinear`, built as ``hss`` (:class:`HSSOptions` or a
@@ -185,6 +188,8 @@ def compress(
                          batch_size, true_sequential, dense, (activation_dtype, hessian_dtype), engine_options)
     if match.enabled:  # only then, so earlier runs still resume
         config["match"] = match.to_dict()
+    if recipe.layer_target != "layer":  # likewise
+        config["layer_target"] = recipe.layer_target
     if any(t.settings.is_hss for t in plan.layers):  # only then, so earlier runs still resume
         config["hss"] = HSSOptions.from_value(hss).to_dict()
         if all(t.settings.is_hss for t in plan.layers):
@@ -193,7 +198,7 @@ def compress(
     options = PipelineOptions(batch_size=batch_size, true_sequential=true_sequential, write_modules=not dense,
                               activation_dtype=activation_dtype, hessian_dtype=hessian_dtype, seed=seed,
                               engine_options=dict(engine_options), progress=progress and ranks.writes, match=match,
-                              ranks=ranks)
+                              layer_target=recipe.layer_target, ranks=ranks)
     store = ResumeStore(out_dir, config, read_only=not ranks.writes) if out_dir is not None else None
     timer = StageTimer()
     was_training = model.training

@@ -58,11 +58,12 @@ class HSSResult:
 
 
 def fit_hss_layer(module: nn.Module, target: TargetLayer, hessian: torch.Tensor, device: torch.device,
-                  percdamp: float = 0.01) -> HSSResult:
-    """Build the HSS replacement of ``module`` (fitted in float32) and score it on ``hessian``."""
+                  percdamp: float = 0.01, weight: torch.Tensor | None = None) -> HSSResult:
+    """Build the HSS replacement of ``module`` (fitted in float32) and score it on ``hessian``;
+    ``weight`` replaces the module's own as the target to fit."""
     options: HSSOptions = target.settings.hss or HSSOptions()
     began = time.perf_counter()
-    weight = layer_weight(module).to(device, torch.float32)
+    weight = (layer_weight(module) if weight is None else weight).to(device, torch.float32)
     bias = getattr(module, "bias", None)
     size = ({"budget_params": options.budget_params(weight.shape)} if options.budget is not None
             else {"outer_rank": target.rank})

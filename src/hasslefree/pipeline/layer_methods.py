@@ -29,8 +29,9 @@ class LayerMethod(Protocol):
 
     def fit(self, block: nn.Module, targets: Sequence[TargetLayer], settings: LayerSettings, hessian: torch.Tensor,
             device: torch.device, *, seed: int, engine_options: Mapping[str, Any],
-            clock: Clock | None) -> dict[TargetLayer, Any]:
-        """One result per target, all from the same ``hessian`` (XᵀX of their shared input)."""
+            clock: Clock | None, weights: Mapping[str, torch.Tensor] | None = None) -> dict[TargetLayer, Any]:
+        """One result per target, all from the same ``hessian`` (XᵀX of their shared input);
+        ``weights`` (by layer name) replace the modules' own weights as the targets to fit."""
 
     def build_module(self, original: nn.Module, result: Any, pattern: SparsityPattern) -> nn.Module:
         """The module that replaces ``original`` in the compressed model."""
@@ -41,9 +42,10 @@ class SparseLowRankMethod:
 
     def fit(self, block: nn.Module, targets: Sequence[TargetLayer], settings: LayerSettings, hessian: torch.Tensor,
             device: torch.device, *, seed: int, engine_options: Mapping[str, Any],
-            clock: Clock | None) -> dict[TargetLayer, Decomposition]:
-        weights = {t.name: layer_weight(block.get_submodule(t.relative)).to(device, torch.float32) for t in targets}
-        found = decompose_group(weights, hessian, seed=seed, **settings.layer_arguments(), **engine_options,
+            clock: Clock | None, weights: Mapping[str, torch.Tensor] | None = None) -> dict[TargetLayer, Decomposition]:
+        goals = {t.name: (weights[t.name] if weights is not None else layer_weight(block.get_submodule(t.relative)))
+                 .to(device, torch.float32) for t in targets}
+        found = decompose_group(goals, hessian, seed=seed, **settings.layer_arguments(), **engine_options,
                                 clock=clock)
         return {t: found[t.name] for t in targets}
 
@@ -56,9 +58,10 @@ class HSSMethod:
 
     def fit(self, block: nn.Module, targets: Sequence[TargetLayer], settings: LayerSettings, hessian: torch.Tensor,
             device: torch.device, *, seed: int, engine_options: Mapping[str, Any],
-            clock: Clock | None) -> dict[TargetLayer, HSSResult]:
+            clock: Clock | None, weights: Mapping[str, torch.Tensor] | None = None) -> dict[TargetLayer, HSSResult]:
         percdamp = engine_options.get("percdamp", 0.01)
-        return {t: fit_hss_layer(block.get_submodule(t.relative), t, hessian, device, percdamp) for t in targets}
+        return {t: fit_hss_layer(block.get_submodule(t.relative), t, hessian, device, percdamp,
+                                 weight=None if weights is None else weights[t.name]) for t in targets}
 
     def build_module(self, original: nn.Module, result: HSSResult, pattern: SparsityPattern) -> nn.Module:
         return result.module

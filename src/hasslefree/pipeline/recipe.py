@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hasslefree.hss.options import HSSOptions
+from hasslefree.pipeline.dense_targets import LAYER_TARGETS
 from hasslefree.pipeline.matching import MatchOptions
 from hasslefree.pipeline.plan import DEFAULT_SKIP
 from hasslefree.rank_policy import RankPolicy
@@ -104,6 +105,7 @@ class Recipe:
     engine: EngineOptions = field(default_factory=EngineOptions)
     hss: HSSOptions | None = None
     match: MatchOptions = field(default_factory=MatchOptions)
+    layer_target: str = "layer"
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -156,6 +158,8 @@ class Recipe:
             raise ValueError(f"hss must be HSSOptions or a mapping of its fields, got {type(self.hss).__name__}")
         if not isinstance(self.match, MatchOptions):
             raise ValueError(f"match must be MatchOptions or a mapping of its fields, got {type(self.match).__name__}")
+        if self.layer_target not in LAYER_TARGETS:
+            raise ValueError(f"recipe layer_target must be one of {', '.join(LAYER_TARGETS)}, got {self.layer_target!r}")
         if self.match.enabled and self.dense:
             raise ValueError("block-output matching tunes the compressed modules; it cannot run with dense=True")
 

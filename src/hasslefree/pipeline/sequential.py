@@ -19,19 +19,18 @@ import torch
 from torch import nn
 
 from hasslefree.decompose import Decomposition
-from hasslefree.hessian import HessianAccumulator
 from hasslefree.nn import replace_linear
-from hasslefree.pipeline.capture import (BlockInputs, capture_block_inputs, rest_of_model_on, run_block,
-                                         split_batches)
+from hasslefree.pipeline.capture import BlockInputs, capture_block_inputs, rest_of_model_on, split_batches
+from hasslefree.pipeline.block_passes import group_statistics, propagate
+from hasslefree.pipeline.dense_targets import dense_pass, moved_targets
 from hasslefree.pipeline.distributed import RankFailure, Ranks
 from hasslefree.pipeline.layer_methods import LayerMethod, method_for
-from hasslefree.pipeline.layers import write_dense
+from hasslefree.pipeline.layers import layer_weight, write_dense
 from hasslefree.pipeline.matching import MatchOptions, MatchRecord, match_block
 from hasslefree.pipeline.plan import Plan, TargetLayer
 from hasslefree.pipeline.progress import progress_bar
 from hasslefree.pipeline.report import LayerRecord, StageTimer, cuda_peak_mb, peak_rss_mb
 from hasslefree.pipeline.resume import ResumeStore
-from hasslefree.forward_stop import StopForward, run_until_stopped
 
 if TYPE_CHECKING:
     from hasslefree.loading.streaming import BlockWeights
@@ -54,6 +53,7 @@ class PipelineOptions:
     engine_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     match: MatchOptions = field(default_factory=MatchOptions)
+    layer_target: str = "layer"  # "model": fit layers to the dense model's outputs (pipeline.dense_targets)
     ranks: Ranks = field(default_factory=Ranks)  # several: see hasslefree.pipeline.distributed
 
 
@@ -85,7 +85,7 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
         return records, matches, resumed
     if resumed:
         logger.info("resuming after %d finished block(s) of %d", resumed, len(blocks))
-    chain = options.match.enabled and options.match.target == "model"
+    chain = (options.match.enabled and options.match.target == "model") or options.layer_target == "model"
     with rest_of_model_on(model, plan.architecture.blocks, device):
         with timer.stage("capture"):
             inputs = capture_block_inputs(model, blocks, calibration, batch_size=options.batch_size,
@@ -97,9 +97,9 @@ def run_sequential(model: nn.Module, plan: Plan, calibration: torch.Tensor, *, d
                 if weights is not None:
                     weights.load(index, blocks[index])
                 if dense_hidden is not None:  # the dense block, before its compressed state replaces it
-                    dense_hidden = _propagate(blocks[index], index, dense_hidden, inputs, device, options)
+                    dense_hidden = propagate(blocks[index], index, dense_hidden, inputs, device, options.activation_dtype)
                 store.load_block(index, blocks[index])  # type: ignore[union-attr]
-                hidden = _propagate(blocks[index], index, hidden, inputs, device, options)
+                hidden = propagate(blocks[index], index, hidden, inputs, device, options.activation_dtype)
                 if weights is not None:
                     weights.release(blocks[index])
         bar = progress_bar(range(resumed, len(blocks)), options.progress, desc="blocks", total=len(blocks), initial=resumed)
@@ -122,21 +122,16 @@ def _run_block(model: nn.Module, plan: Plan, index: int, hidden: list[torch.Tens
     """Compress block ``index`` (after matching, if asked), checkpoint it; return the next block's
     inputs (and the dense model's, when matching chases them)."""
     blocks = plan.architecture.block_list(model)
-    chain = dense_hidden is not None
     block = blocks[index]
     if weights is not None:
         with timer.stage("load"):
             weights.load(index, block)
     home = next(block.parameters()).device
     block.to(device)
-    targets = None
-    if options.match.enabled and plan.blocks[index]:
-        with timer.stage("match"):
-            targets = _propagate(block, index, dense_hidden if chain else hidden, inputs, device, options)
-        if chain:
-            dense_hidden = targets
+    targets, dense_inputs, dense_hidden = _dense_side(block, index, plan.blocks[index], hidden, dense_hidden,
+                                                      inputs, device, options, timer)
     block_records, layer_meta = _compress_block(block, index, plan.blocks[index], hidden, inputs,
-                                                device, options, timer)
+                                                device, options, timer, dense_inputs)
     match = None
     if targets is not None:  # matching's last pass over the data is the propagation
         with timer.stage("match"):
@@ -146,7 +141,7 @@ def _run_block(model: nn.Module, plan: Plan, index: int, hidden: list[torch.Tens
         matches.append(match)
     else:
         with timer.stage("propagate"):
-            hidden = _propagate(block, index, hidden, inputs, device, options)
+            hidden = propagate(block, index, hidden, inputs, device, options.activation_dtype)
     block.to(home)
     if store is not None:
         with timer.stage("checkpoint"):
@@ -163,23 +158,61 @@ def _run_block(model: nn.Module, plan: Plan, index: int, hidden: list[torch.Tens
     return hidden, dense_hidden
 
 
+def _dense_side(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...], ...],
+                hidden: list[torch.Tensor], dense_hidden: list[torch.Tensor] | None, inputs: BlockInputs,
+                device: torch.device, options: PipelineOptions, timer: StageTimer
+                ) -> tuple[list[torch.Tensor] | None, list[list[torch.Tensor]] | None, list[torch.Tensor] | None]:
+    """What the still dense block gives before it is compressed: the matching targets (or None),
+    its layer inputs on the dense model's hidden states (``layer_target="model"``, else None) and
+    the dense model's next hidden states (when they are followed)."""
+    dtype = options.activation_dtype
+    if dense_hidden is None:  # neither matching to the model nor layer_target="model"
+        if not (options.match.enabled and groups):
+            return None, None, None
+        with timer.stage("match"):
+            return propagate(block, index, hidden, inputs, device, dtype), None, None
+    if not groups:  # nothing compressed here, but the dense model's hidden states still move on
+        return None, None, propagate(block, index, dense_hidden, inputs, device, dtype)
+    dense_inputs = None
+    if options.layer_target == "model":
+        with timer.stage("dense targets"):
+            dense_inputs, dense_hidden = dense_pass(block, index, groups, dense_hidden, inputs, device, dtype)
+    else:
+        with timer.stage("match"):
+            dense_hidden = propagate(block, index, dense_hidden, inputs, device, dtype)
+    if not options.match.enabled:
+        return None, dense_inputs, dense_hidden
+    if options.match.target == "model":
+        return dense_hidden, dense_inputs, dense_hidden
+    with timer.stage("match"):  # the dense block on the compressed chain's inputs
+        return propagate(block, index, hidden, inputs, device, dtype), dense_inputs, dense_hidden
+
+
 def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...], ...],
                     hidden: list[torch.Tensor], inputs: BlockInputs, device: torch.device,
-                    options: PipelineOptions, timer: StageTimer) -> tuple[list[LayerRecord], dict]:
+                    options: PipelineOptions, timer: StageTimer,
+                    dense_inputs: list[list[torch.Tensor]] | None) -> tuple[list[LayerRecord], dict]:
+    """Decompose every group of the block and swap the results in; ``dense_inputs`` (per group,
+    per batch: the dense model's input of that group) asks for the moved targets of
+    :mod:`hasslefree.pipeline.dense_targets`."""
     records: list[LayerRecord] = []
     meta: dict[str, dict[str, Any]] = {}
     layers = progress_bar(None, options.progress, desc=f"block {index} layers", total=sum(len(g) for g in groups), leave=False)
+    partners = dense_inputs if dense_inputs is not None else [None] * len(groups)
     if options.true_sequential:
         schedule = [(group, None) for group in groups]
     else:
         with timer.stage("hessian"):
-            hessians = _hessians(block, index, groups, hidden, inputs, device, options, stop=False)
-        schedule = list(zip(groups, hessians))
-    for group, hessian in schedule:
-        if hessian is None:
+            statistics = group_statistics(block, index, groups, hidden, inputs, device, stop=False,
+                                          partners=partners, **_statistics_options(options))
+        schedule = list(zip(groups, statistics))
+    for position, (group, statistic) in enumerate(schedule):
+        if statistic is None:
             with timer.stage("hessian"):
-                hessian = _hessians(block, index, (group,), hidden, inputs, device, options, stop=True)[0]
-        for target, result, method in _decompose(block, index, group, hessian, device, options, timer):
+                statistic = group_statistics(block, index, (group,), hidden, inputs, device, stop=True,
+                                             partners=[partners[position]], **_statistics_options(options))[0]
+        hessian, cross = statistic
+        for target, result, method in _decompose(block, index, group, hessian, cross, device, options, timer):
             module = block.get_submodule(target.relative)
             with timer.stage("apply"):
                 if options.write_modules:
@@ -189,48 +222,25 @@ def _compress_block(block: nn.Module, index: int, groups: tuple[tuple[TargetLaye
             records.append(_record(target, result, device))
             meta[target.relative] = {"module": options.write_modules}  # checkpointed through its codec
             layers.update(1)
-        del hessian
+        del hessian, cross, statistic
+        partners[position] = None  # the dense inputs of a finished group are no longer needed
     layers.close()
     return records, meta
 
 
-def _hessians(block: nn.Module, index: int, groups: tuple[tuple[TargetLayer, ...], ...],
-              hidden: list[torch.Tensor], inputs: BlockInputs, device: torch.device,
-              options: PipelineOptions, *, stop: bool) -> list[torch.Tensor]:
-    """One H = mean xᵀx per group from a pass over the calibration batches."""
-    accumulators = [HessianAccumulator(group[0].in_features, device=device, dtype=options.hessian_dtype)
-                    for group in groups]
-
-    def feeder(accumulator: HessianAccumulator):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            accumulator.add(args[0].detach())
-            if stop:
-                raise StopForward
-        return hook
-
-    handles = [block.get_submodule(group[0].relative).register_forward_pre_hook(feeder(acc))
-               for group, acc in zip(groups, accumulators)]
-    dtype = next(block.parameters()).dtype
-    try:
-        with torch.no_grad():
-            for states in hidden:
-                # stopped once the last group's input is seen: the rest of the block need not run
-                run_until_stopped(run_block, block, states, inputs.call(index, states.shape[0]), device, dtype)
-    finally:
-        for handle in handles:
-            handle.remove()
-    options.ranks.sum_hessians(accumulators, f"block {index}")
-    for group, acc in zip(groups, accumulators):
-        if acc.tokens == 0:
-            raise RuntimeError(f"{group[0].name} never ran when its block was called; its registry entry is wrong")
-    return [acc.hessian for acc in accumulators]
-
-
 def _decompose(block: nn.Module, index: int, group: tuple[TargetLayer, ...], hessian: torch.Tensor,
-               device: torch.device, options: PipelineOptions,
+               cross: torch.Tensor | None, device: torch.device, options: PipelineOptions,
                timer: StageTimer) -> list[tuple[TargetLayer, Any, LayerMethod]]:
     """(target, result, its method) for every layer of the group: one ``fit`` per set of layers
-    that ask for the same settings (per rank, on its share of them, when there are several)."""
+    that ask for the same settings (per rank, on its share of them, when there are several).
+    With ``cross`` (C = mean x_cᵀx_d) each layer is fitted to its moved target W'."""
+    moved = None
+    if cross is not None:
+        with timer.stage("dense targets"):
+            moved = moved_targets({t.name: layer_weight(block.get_submodule(t.relative)).to(device, torch.float32)
+                                   for t in group}, hessian, cross,
+                                  percdamp=options.engine_options.get("percdamp", 0.01),
+                                  coordinate_damp=options.engine_options.get("coordinate_damp", 0.0))
     by_settings: dict[Any, list[TargetLayer]] = {}
     for target in group:
         by_settings.setdefault(target.settings, []).append(target)
@@ -242,24 +252,15 @@ def _decompose(block: nn.Module, index: int, group: tuple[TargetLayer, ...], hes
 
         def fit(mine: list[TargetLayer], method: LayerMethod = method, settings: Any = settings) -> dict:
             return method.fit(block, mine, settings, hessian, device, seed=options.seed,
-                              engine_options=options.engine_options, clock=timer.decompose_parts)
+                              engine_options=options.engine_options, clock=timer.decompose_parts, weights=moved)
 
         results = options.ranks.solve(targets, fit, device, f"block {index}", stage=timer.stage)
         solved.extend((t, results[t], method) for t in targets)
     return solved
 
 
-@torch.no_grad()
-def _propagate(block: nn.Module, index: int, hidden: list[torch.Tensor], inputs: BlockInputs,
-               device: torch.device, options: PipelineOptions) -> list[torch.Tensor]:
-    """The block's outputs for every batch: the next block's inputs."""
-    dtype = next(block.parameters()).dtype
-    home = next(block.parameters()).device
-    block.to(device)
-    outputs = [run_block(block, states, inputs.call(index, states.shape[0]), device, dtype)
-               .to("cpu", options.activation_dtype) for states in hidden]
-    block.to(home)
-    return outputs
+def _statistics_options(options: PipelineOptions) -> dict[str, Any]:
+    return {"hessian_dtype": options.hessian_dtype, "ranks": options.ranks}
 
 
 def _record(target: TargetLayer, result: Decomposition | Any, device: torch.device) -> LayerRecord:
