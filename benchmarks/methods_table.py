@@ -10,7 +10,8 @@ settings:
       from the rho formula), the pruning baselines at 4:8 and 2:4 (50 %: the same budget).
 
 A method name may end in ``+match``: the same method with block-output matching
-(``--match-epochs/--match-lr/--match-target``). Columns: WikiText-2, PTB and C4 perplexity
+(``--match-epochs/--match-lr/--match-target``), and in ``+to-model`` (before any ``+match``): every
+layer fitted to the dense model's outputs of that layer (``layer_target="model"``). Columns: WikiText-2, PTB and C4 perplexity
 (SparseGPT protocol) and the parameters stored by the compressed linear layers. Calibration: random C4 windows from documents 1100-1999. Each finished
 row is kept as a small JSON file under benchmarks/results/methods_table_rows/ (keyed by its
 settings, not by the code: --fresh after changing the code), so a rerun of the same command, even
@@ -50,7 +51,7 @@ from hasslefree.data import calibration_batch, eval_tokens
 from hasslefree.loading import load_model
 from hasslefree.loading.context import model_context_length
 from hasslefree.zeroshot import PAPER_TASKS
-from methods_table_format import DATASETS, MATCH, MODEL_NOTES, SETTINGS, header, table, zero_shot_table
+from methods_table_format import DATASETS, MATCH, MODEL_NOTES, TO_MODEL, SETTINGS, header, table, zero_shot_table
 from methods_table_rows import (add_zero_shot, base_method, missing_tasks, rank_argument, reusable, row_key,
                                 rows_for, run_row, write_json)
 from hasslefree.pipeline import DEFAULT_SKIP, prepare
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--methods", nargs="+", default=METHODS,
-                        choices=["dense", *hf.PRESETS, *(m + MATCH for m in hf.PRESETS)])
+                        choices=["dense", *(m + extra for m in hf.PRESETS
+                                            for extra in ("", TO_MODEL, MATCH, TO_MODEL + MATCH))])
     parser.add_argument("--settings", nargs="+", default=["a", "b"], choices=list(SETTINGS))
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=2048, help="calibration window length")

@@ -9,6 +9,7 @@ from typing import Any
 DATASETS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 SETTINGS = {"a": "(a) 2:4 + rank {rank}", "b": "(b) 2:8, rho = {rho}"}
 MATCH = "+match"  # a method name ending in this runs with block-output matching
+TO_MODEL = "+to-model"  # ... and with this before it (or alone): layer_target="model"
 MODEL_NOTES = {"smollm2": "SmolLM2-135M-Instruct; weights 4-bit (Q4_1 GGUF) quantised, dequantised to fp32",
                "stories260k": "stories260K (llama2.c, exact fp32)"}
 
@@ -37,6 +38,8 @@ def header(args: argparse.Namespace) -> str:
             + " for the sparse + low-rank methods"
             + (f"; +match: block-output matching, {args.match_epochs} epoch(s), lr {args.match_lr:g}, target "
                f"{args.match_target}" if any(m.endswith(MATCH) for m in args.methods) else "")
+            + ("; +to-model: every layer fitted to the dense model's outputs of that layer (layer_target "
+               "model)" if any(TO_MODEL in m for m in args.methods) else "")
             + f". Perplexity in {args.eval_dtype}, windows of {args.eval_seqlen} tokens, {windows}. Pruning-only rows "
             f"store only "
             f"the kept weights (rank 0); params = stored values of the compressed linear layers"

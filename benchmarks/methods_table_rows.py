@@ -21,13 +21,17 @@ from hasslefree.perplexity import perplexity
 from hasslefree.pipeline import DEFAULT_SKIP, MatchOptions, compress, prepare
 from hasslefree.pipeline.resume import tensor_digest
 from hasslefree.zeroshot import zero_shot_rows
-from methods_table_format import MATCH
+from methods_table_format import MATCH, TO_MODEL
 
 logger = logging.getLogger("methods_table")
 
 
 def base_method(method: str) -> str:
-    return method.removesuffix(MATCH)
+    return method.removesuffix(MATCH).removesuffix(TO_MODEL)
+
+
+def layer_target(row: dict[str, Any]) -> str:
+    return "model" if row["method"].removesuffix(MATCH).endswith(TO_MODEL) else "layer"
 
 
 def rows_for(setting: str, methods: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -72,6 +76,8 @@ def row_key(row: dict[str, Any], args: argparse.Namespace) -> str:
         match = match_options(row, args)
         if match is not None:
             spec["match"] = match.to_dict()
+        if layer_target(row) != "layer":
+            spec["layer_target"] = layer_target(row)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -133,7 +139,7 @@ def run_row(row: dict[str, Any], calibration: torch.Tensor, tokens: dict[str, to
                           method=base_method(row["method"]), iterations=None if prunes else args.iterations,
                           seed=args.seed,
                           skip=[*DEFAULT_SKIP, *args.skip], progress=False, match=match,
-                          activation_dtype=getattr(torch, args.dtype))
+                          layer_target=layer_target(row), activation_dtype=getattr(torch, args.dtype))
         ranks = [layer.rank for layer in report.layers]
         result.update(parameters=report.parameters, ranks=[min(ranks), max(ranks)],
                       compress_s=time.perf_counter() - began, timings=report.timings)
@@ -198,7 +204,8 @@ def reusable(directory: Path, row: dict[str, Any], calibration: torch.Tensor, ar
             and config.get("seed") == args.seed and config.get("calibration", {}).get("shape") == list(calibration.shape)
             and config.get("calibration", {}).get("digest") == tensor_digest(calibration)
             and config.get("activation_dtype") == f"torch.{args.dtype}"
-            and config.get("match") == (match.to_dict() if match else None))
+            and config.get("match") == (match.to_dict() if match else None)
+            and config.get("layer_target", "layer") == layer_target(row))
 
 
 def _policy_text(rank: int | str) -> str:
