@@ -2,7 +2,9 @@
 
 Loads the dense model and a finished compressed directory, then for each k puts the first
 k compressed blocks into the dense model (the rest stay dense) and measures perplexity, so
-the ppl gap can be split by depth. Prints a table and appends it to
+the ppl gap can be split by depth; next to each step's share of the gap stands the mean
+relative layer error of the blocks it adds (from the run's report.json), so layer error can be
+set against its perplexity cost. Prints a table and appends it to
 benchmarks/results/depth_ablation.jsonl.
 
     python benchmarks/depth_ablation.py --model smollm2 --compressed OUT --ks 0 5 10 15 20 25 30 \\
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -58,14 +61,22 @@ def main(argv: list[str] | None = None) -> None:
         ppl = perplexity(dense, tokens, args.seqlen, max_windows=args.windows)
         rows.append({"k": k, "ppl": ppl, "seconds": time.perf_counter() - began})
         logger.info("blocks 0..%d compressed: ppl %.3f", k - 1, ppl)
+    layers = json.loads((args.compressed / "report.json").read_text())["layers"]
     lines = [f"{args.dataset}, {'all' if args.windows is None else f'first {args.windows}'} windows of "
-             f"{args.seqlen}, {args.dtype}; {args.compressed}", "", "| blocks compressed | ppl | share of the gap |",
-             "|---|---|---|"]
+             f"{args.seqlen}, {args.dtype}; {args.compressed}", "",
+             "| blocks compressed | ppl | share of the gap | step's share | mean layer error of the step's blocks |",
+             "|---|---|---|---|---|"]
     first, last = rows[0]["ppl"], rows[-1]["ppl"]
+    previous = rows[0]
     for row in rows:
         share = (row["ppl"] - first) / (last - first) if last != first else 0.0
+        step = (row["ppl"] - previous["ppl"]) / (last - first) if last != first else 0.0
+        errors = [layer["relative_objective"] for layer in layers if previous["k"] <= layer["block"] < row["k"]]
+        row["step_layer_error"] = sum(errors) / len(errors) if errors else None
         label = "none" if row["k"] == 0 else f"0..{row['k'] - 1}"
-        lines.append(f"| {label} | {row['ppl']:.3f} | {100 * share:.0f} % |")
+        error = "—" if row["step_layer_error"] is None else f"{row['step_layer_error']:.4f}"
+        lines.append(f"| {label} | {row['ppl']:.3f} | {100 * share:.0f} % | {100 * step:.0f} % | {error} |")
+        previous = row
     print("\n".join(lines))
     append_record("depth_ablation", {"model": args.model, "compressed": str(args.compressed),
                                      "dataset": args.dataset, "windows": args.windows, "dtype": args.dtype,
