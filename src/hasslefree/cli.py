@@ -1,4 +1,4 @@
-"""``hasslefree`` command line: compress, eval, info, export, generate.
+"""``hasslefree`` command line: compress, match, eval, info, export, generate.
 
 Every argument, and every targeted layer of the model, is checked before the first block
 is compressed; bad input ends with one ``hasslefree: error: ...`` line and exit code 2.
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from hasslefree.cli_match import add_match_parser
 from hasslefree.cli_args import (HSS_FLAGS, UsageError, device_from_arg, dtype_from_arg, hss_from_args, one_line,
                                   parse_overrides, quiet_transformers, rank_from_args, recipe_from_args)
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="how long a rank waits for the others at a collective before the job fails")
     c.set_defaults(handler=_compress)
+    add_match_parser(sub, [quiet], DTYPES)
 
     e = sub.add_parser("eval", parents=[quiet], help="perplexity of a model or compressed directory")
     e.add_argument("model", help="a compressed directory or anything `compress` accepts")
