@@ -31,18 +31,20 @@ from results_log import append_record
 
 logger = logging.getLogger("match_ablation")
 
-VARIANT = re.compile(r"^e(?P<epochs>\d+)-lr(?P<lr>[0-9.e-]+)-(?P<target>block|model)(?:-acc(?P<acc>\d+))?$")
+VARIANT = re.compile(r"^e(?P<epochs>\d+)-lr(?P<lr>[0-9.e-]+)-(?P<target>block|model)"
+                     r"(?:-acc(?P<acc>\d+))?(?P<all>-all)?$")
 
 
 def parse_variant(text: str) -> MatchOptions | None:
-    """``none`` or ``e<epochs>-lr<lr>-<block|model>[-acc<batches per step>]``."""
+    """``none`` or ``e<epochs>-lr<lr>-<block|model>[-acc<batches per step>][-all]`` (-all: tune_all)."""
     if text == "none":
         return None
     found = VARIANT.match(text)
     if found is None:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: use none or e<epochs>-lr<lr>-<block|model>[-acc<n>]")
+        raise argparse.ArgumentTypeError(f"variant {text!r}: use none or "
+                                         "e<epochs>-lr<lr>-<block|model>[-acc<n>][-all]")
     return MatchOptions(epochs=int(found["epochs"]), lr=float(found["lr"]), target=found["target"],
-                        accumulate=int(found["acc"] or 1))
+                        accumulate=int(found["acc"] or 1), tune_all=bool(found["all"]))
 
 
 def main(argv: list[str] | None = None) -> None:

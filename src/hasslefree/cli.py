@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--match-lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     m.add_argument("--match-target", choices=("block", "model"), default="block",
                    help="block: the dense block on the same inputs; model: the dense model's own block outputs")
+    m.add_argument("--match-tune-all", action="store_true",
+                   help="also tune the block's other parameters (norm weights, layers left dense)")
     h = c.add_argument_group("HSS methods", "sparse S plus a hierarchical low-rank matrix (hasslefree.hss)")
     h.add_argument("--sparsity", type=float, help="fraction of the weights kept in S (default 0.3)")
     hss_size = h.add_mutually_exclusive_group()

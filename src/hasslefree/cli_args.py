@@ -52,7 +52,8 @@ def rank_from_args(args: argparse.Namespace) -> Any:
 
 # compress flags that are part of the recipe (everything that changes the result)
 RECIPE_FLAGS = ("pattern", "rank", "rho", "kappa", "method", "iterations", "override", "skip", "seed", "percdamp",
-                "coordinate_damp", "tolerance", "match_epochs", "match_lr", "match_target", "layer_target", "calib",
+                "coordinate_damp", "tolerance", "match_epochs", "match_lr", "match_target", "match_tune_all",
+                "layer_target", "calib",
                 "nsamples", "seqlen", "batch_size", "no_true_sequential", "no_modules", "activation_dtype", "sparsity",
                 "outer_rank", "hss_budget", "leaf", "min_rank", "rank_decay", "sweeps")
 
@@ -75,7 +76,8 @@ def recipe_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
     return Recipe.from_settings(dict(
         pattern=args.pattern, rank=rank_from_args(args), method=args.method, iterations=args.iterations,
         overrides=parse_overrides(args.override), skip=(*DEFAULT_SKIP, *args.skip), seed=args.seed,
-        hss=hss_from_args(args), match=MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target),
+        hss=hss_from_args(args), match=MatchOptions(epochs=args.match_epochs, lr=args.match_lr, target=args.match_target,
+                                                  tune_all=args.match_tune_all),
         layer_target=args.layer_target,
         calib=args.calib, nsamples=args.nsamples, seqlen=2048 if args.seqlen is None else args.seqlen,
         batch_size=args.batch_size,

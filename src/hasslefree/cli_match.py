@@ -25,6 +25,8 @@ def add_match_parser(sub: Any, parents: list[argparse.ArgumentParser], dtypes: t
     p.add_argument("--target", choices=("block", "model"), default="model",
                    help="model (default): the dense model's own block outputs; block: the dense block on the "
                         "same inputs")
+    p.add_argument("--tune-all", action="store_true",
+                   help="also tune the block's other parameters (norm weights, layers left dense)")
     p.add_argument("--accumulate", type=int, default=1, help="calibration batches per optimiser step (default 1)")
     p.add_argument("--calib", default="c4", help="calibration dataset name or text/jsonl/parquet file")
     p.add_argument("--nsamples", type=int, default=128)
@@ -53,7 +55,8 @@ def match_command(args: argparse.Namespace) -> int:
             raise ValueError(f"{source} is not a compressed checkpoint directory")
         if out.resolve() == source.resolve():
             raise ValueError("--out must differ from the checkpoint directory, which is left unchanged")
-        options = MatchOptions(epochs=args.epochs, lr=args.lr, target=args.target, accumulate=args.accumulate)
+        options = MatchOptions(epochs=args.epochs, lr=args.lr, target=args.target, accumulate=args.accumulate,
+                               tune_all=args.tune_all)
         if not options.enabled:
             raise ValueError("--epochs must be at least 1")
         if args.batch_size < 1 or args.nsamples < 1:

@@ -128,3 +128,21 @@ def test_matched_run_resumes_bit_for_bit(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((tmp_path / "resumed" / "report.json").read_text())
     assert saved["config"]["match"]["target"] == "model"
+
+
+def test_tune_all_also_tunes_the_norms_and_keeps_their_dtype():
+    for tune_all in (False, True):
+        block, inputs, targets = _compressed_block_and_data()
+        norms = {n: p.detach().clone() for n, p in block.named_parameters() if "norm" in n}
+        assert norms
+        record, _ = match_block(block, 0, inputs.hidden, targets, lambda h: inputs.call(0, h.shape[0]), CPU,
+                                MatchOptions(epochs=4, lr=1e-3, accumulate=2, tune_all=tune_all), torch.float32)
+        after = dict(block.named_parameters())
+        changed = [n for n, p in norms.items() if not torch.equal(p, after[n])]
+        assert all(after[n].dtype == p.dtype for n, p in norms.items())
+        assert changed == ([] if not tune_all else list(norms)), tune_all
+        assert record.kept and record.loss_after < record.loss_before
+    assert "tune_all" not in MatchOptions(epochs=1).to_dict()  # older runs' config hashes stay valid
+    assert MatchOptions(epochs=1, tune_all=True).to_dict()["tune_all"] is True
+    with pytest.raises(ValueError, match="tune_all"):
+        MatchOptions(tune_all="yes")

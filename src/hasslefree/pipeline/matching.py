@@ -10,6 +10,9 @@ the compressed block's outputs on the calibration inputs match a target:
 * ``"model"``: the dense model's own outputs of this block, which also corrects error
   carried in from the blocks before it.
 
+``tune_all`` also tunes the block's other parameters (its norm weights, any layer left dense),
+as 3BASiL's matching does.
+
 Trained values live in float32 for the run (bfloat16 cannot hold small Adam steps); the
 forward and backward passes run under autocast in the block's dtype when that is a
 16-bit type the device multiplies natively. A run that ends with a higher loss than it
@@ -48,6 +51,7 @@ class MatchOptions:
     target: str = "block"
     accumulate: int = 1  # calibration batches per optimiser step
     final_lr_fraction: float = 0.2  # the cosine schedule ends at lr x this
+    tune_all: bool = False  # also the block's other parameters (norm weights, any dense layer)
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
@@ -60,13 +64,18 @@ class MatchOptions:
             raise ValueError(f"match accumulate must be an integer >= 1, got {self.accumulate!r}")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"match final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction!r}")
+        if not isinstance(self.tune_all, bool):
+            raise ValueError(f"match tune_all must be True or False, got {self.tune_all!r}")
 
     @property
     def enabled(self) -> bool:
         return self.epochs > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if not self.tune_all:  # left out when off, so the runs from before it existed still resume
+            del values["tune_all"]
+        return values
 
 
 @dataclass
@@ -102,12 +111,18 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
     frozen = {p: p.requires_grad for p in block.parameters()}
     layer_dtypes = [layer.sparse_weight.dtype for layer in layers]
     saved = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
+    owned = {id(p) for layer in layers for p in layer.parameters()}
+    others = ([p for p in block.parameters() if id(p) not in owned and p.is_floating_point()]
+              if options.tune_all else [])
+    others_saved = [(p.detach().clone(), p.dtype) for p in others]
     norm = sum(ranks.in_order([float(t.float().pow(2).sum()) for t in targets], "matching: the target norm"))
     before = _relative_error(_outputs(block, hidden, call_for, device, dtype, out_dtype), targets, norm, ranks)
     for layer in layers:
         layer.float()
+    for p in others:
+        p.data = p.data.float()
     masks = [layer.sparse_weight.detach() != 0 for layer in layers]
-    params = [p for layer in layers for p in layer.parameters()]
+    params = [p for layer in layers for p in layer.parameters()] + others
     for p in block.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -121,6 +136,8 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
         with torch.no_grad():
             for layer, layer_dtype in zip(layers, layer_dtypes):
                 layer.to(layer_dtype)
+            for p, (_, p_dtype) in zip(others, others_saved):
+                p.data = p.data.to(p_dtype)
     outputs = _outputs(block, hidden, call_for, device, dtype, out_dtype)
     after = _relative_error(outputs, targets, norm, ranks)
     kept = after < before
@@ -128,6 +145,8 @@ def match_block(block: nn.Module, index: int, hidden: list[torch.Tensor], target
         with torch.no_grad():
             for layer, state in zip(layers, saved):
                 layer.load_state_dict(state)
+            for p, (value, _) in zip(others, others_saved):
+                p.data = value
         outputs = _outputs(block, hidden, call_for, device, dtype, out_dtype)
     seconds = time.perf_counter() - began
     logger.info("block %d matching: relative output error %.4g -> %.4g in %d steps (%.1f s)%s", index, before,
