@@ -10,6 +10,7 @@ The public API, all importable from here:
 * a whole model: :func:`compress`, driven by a :class:`Recipe` (typed, JSON round-trip; with
   :class:`EngineOptions` and :class:`MatchOptions`) or the same settings as keywords, and
   :func:`prepare` (checks a run's settings against a model without doing any work);
+  :func:`match_compressed` (block-output matching on a model already compressed);
 * checkpoints: :func:`save_compressed`, :func:`load_compressed`, :func:`export_dense`,
   :func:`export_peft`; models by name or path: :func:`load_model`.
 
@@ -35,6 +36,7 @@ _LAZY = {
     "compress": "hasslefree.pipeline",
     "prepare": "hasslefree.pipeline",
     "MatchOptions": "hasslefree.pipeline",
+    "match_compressed": "hasslefree.pipeline",
     "Recipe": "hasslefree.pipeline",
     "EngineOptions": "hasslefree.pipeline",
     "CompressionReport": "hasslefree.pipeline",
@@ -64,6 +66,7 @@ __all__ = [
     "layer_objective",
     "load_compressed",
     "load_model",
+    "match_compressed",
     "parameter_count",
     "prepare",
     "prepare_hessian",

@@ -8,6 +8,7 @@ earlier layers, and swaps in :class:`hasslefree.nn.SparseLowRankLinear` modules 
 
 from hasslefree.pipeline.api import check_calibration, compress, prepare
 from hasslefree.pipeline.matching import MATCH_TARGETS, MatchOptions
+from hasslefree.pipeline.match_existing import match_compressed
 from hasslefree.pipeline.recipe import EngineOptions, Recipe
 from hasslefree.pipeline.plan import DEFAULT_SKIP, LayerSettings, Plan, TargetLayer, build_plan
 from hasslefree.architectures import ARCHITECTURES, Architecture, lookup, resolve_architecture
@@ -32,6 +33,7 @@ __all__ = [
     "check_calibration",
     "compress",
     "lookup",
+    "match_compressed",
     "prepare",
     "resolve_architecture",
 ]
