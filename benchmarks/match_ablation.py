@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             began = time.perf_counter()
             run = match_compressed(model, dense, calibration, options=options, out_dir=out, progress=False)
             row["match_seconds"] = round(time.perf_counter() - began, 1)
-            row["mean_block_error"] = [sum(m.loss_before for m in run.matching) / len(run.matching),
-                                       sum(m.loss_after for m in run.matching) / len(run.matching)]
+            row["mean_block_error"] = list(run.mean_errors())
             row["resumed_blocks"] = run.resumed_blocks
             save_compressed(model, out, run_config={"method": source_method, "match": options.to_dict()},
                             tokenizer=tok)

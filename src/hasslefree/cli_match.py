@@ -44,7 +44,7 @@ def match_command(args: argparse.Namespace) -> int:
     from hasslefree.checkpoint.files import read_checkpoint_config
     from hasslefree.data import calibration_batch, resolve_source
     from hasslefree.evaluate import is_compressed_dir, load_any
-    from hasslefree.loading import ALIASES
+    from hasslefree.loading import builtin_alias
     from hasslefree.loading.context import check_seqlen
     from hasslefree.pipeline import MatchOptions, ResumeMismatch, check_calibration
     from hasslefree.pipeline.match_existing import check_pair, match_compressed
@@ -62,7 +62,7 @@ def match_command(args: argparse.Namespace) -> int:
         if args.batch_size < 1 or args.nsamples < 1:
             raise ValueError("--batch-size and --nsamples must be at least 1")
         run_config = dict(read_checkpoint_config(source).get("run_config") or {})
-        dense_spec = args.dense or _alias(run_config.get("model"), ALIASES)
+        dense_spec = args.dense or builtin_alias(run_config.get("model"))
         if dense_spec is None:
             raise ValueError("name the model the checkpoint was compressed from with --dense")
         resolve_source(args.calib, split="calib")
@@ -90,9 +90,3 @@ def match_command(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{run.summary()}\nwrote {out}\n")
     return 0
 
-
-def _alias(name: Any, aliases: Any) -> str | None:
-    """``name`` if it is a built-in model alias; a name read from a checkpoint is never used as a path."""
-    if isinstance(name, str) and name.lower() in {a.lower() for a in aliases}:
-        return name
-    return None

@@ -72,9 +72,9 @@ def _checkpoint_tokenizer(directory: Path, source: str | None) -> Any:
     ``source`` comes from the checkpoint's own JSON, so it is untrusted: only a built-in alias
     (``smollm2``, ``stories260K``) is ever loaded from it, never a path or hub id it names.
     """
-    from hasslefree.loading import ALIASES, resolve_alias
+    from hasslefree.loading import builtin_alias, resolve_alias
 
-    alias = source if source and source.lower() in {a.lower() for a in ALIASES} else None
+    alias = builtin_alias(source)
     if alias:
         path = Path(resolve_alias(alias)) if _resolvable(alias) else None
         if path is not None and path.suffix == ".bin" and path.is_file():

@@ -21,7 +21,7 @@ from .llama2c import load_llama2c_model, load_llama2c_tokenizer
 from .paths import find_data_dir, find_data_file, find_smollm2_gguf
 from .streaming import BlockWeights, open_streaming
 
-__all__ = ["load_model", "open_streaming", "BlockWeights", "find_smollm2_gguf", "find_data_dir", "find_data_file", "resolve_alias", "ALIASES"]
+__all__ = ["load_model", "open_streaming", "BlockWeights", "find_smollm2_gguf", "find_data_dir", "find_data_file", "resolve_alias", "builtin_alias", "ALIASES"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,14 @@ Tokenizer = PreTrainedTokenizerBase
 ALIASES = ("smollm2", "stories260K")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FILE_SUFFIXES = (".gguf", ".bin", ".safetensors", ".pt", ".pth")
+
+
+def builtin_alias(name: object) -> str | None:
+    """``name`` when it is a built-in model alias (any case), else None: the one name a
+    checkpoint's own (untrusted) JSON may make us load, never a path or hub id it names."""
+    if isinstance(name, str) and name.lower() in {a.lower() for a in ALIASES}:
+        return name
+    return None
 
 
 def resolve_alias(spec: str) -> str | Path:

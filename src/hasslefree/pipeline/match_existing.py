@@ -41,13 +41,17 @@ class MatchRun:
         return {"matching": [asdict(m) for m in self.matching], "timings": self.timings,
                 "resumed_blocks": self.resumed_blocks}
 
+    def mean_errors(self) -> tuple[float, float]:
+        """Mean relative block output error over the blocks, before and after tuning."""
+        count = max(len(self.matching), 1)
+        return (sum(m.loss_before for m in self.matching) / count, sum(m.loss_after for m in self.matching) / count)
+
     def summary(self) -> str:
-        kept = [m for m in self.matching if m.kept]
         if not self.matching:
             return "no block matched"
-        before = sum(m.loss_before for m in self.matching) / len(self.matching)
-        after = sum(m.loss_after for m in self.matching) / len(self.matching)
-        return (f"matched {len(kept)}/{len(self.matching)} blocks: mean relative output error "
+        before, after = self.mean_errors()
+        kept = sum(m.kept for m in self.matching)
+        return (f"matched {kept}/{len(self.matching)} blocks: mean relative output error "
                 f"{before:.4g} -> {after:.4g} in {sum(self.timings.values()):.0f} s")
 
 
