@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hasslefree.data import calibration_batch
+from hasslefree.calibration import calibration_batch
 from hasslefree.hessian import HessianAccumulator
 from hasslefree.loading import load_model
 

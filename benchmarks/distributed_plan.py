@@ -18,7 +18,6 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -122,8 +121,8 @@ def main() -> None:
     gib = 2 ** 30
     table = format_table(
         ["model", "layers measured", "block CPU s, 1 rank", f"block CPU s, {args.ranks} ranks (seq.)",
-         f"(all groups at once)", "Hessian all-reduce GiB/block", "result broadcast GiB/block", "memory/rank GiB",
-         f"projected GPU h, 1 rank", f"projected GPU h, {args.ranks} ranks"],
+         "(all groups at once)", "Hessian all-reduce GiB/block", "result broadcast GiB/block", "memory/rank GiB",
+         "projected GPU h, 1 rank", f"projected GPU h, {args.ranks} ranks"],
         [[r["model"], ",".join(r["measured_layers"]) or "none", r["block_seconds_one"],
           r["block_seconds_sequential"], r["block_seconds_together"], r["hessian_allreduce_bytes"] / gib,
           r["result_broadcast_bytes"] / gib, r["memory_per_rank_bytes"] / gib,

@@ -42,7 +42,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import hasslefree as hf
-from hasslefree.data import calibration_batch, eval_tokens
+from hasslefree.calibration import calibration_batch
+from hasslefree.data import eval_tokens
 from hasslefree.hss import HSSOptions, compress_linear_hss, magnitude_sparse
 from hasslefree.loading import find_data_file, load_model
 from hasslefree.perplexity import perplexity

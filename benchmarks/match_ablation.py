@@ -22,7 +22,8 @@ import torch
 
 from hasslefree.checkpoint import load_compressed, save_compressed
 from hasslefree.checkpoint.files import read_checkpoint_config
-from hasslefree.data import calibration_batch, eval_tokens
+from hasslefree.calibration import calibration_batch
+from hasslefree.data import eval_tokens
 from hasslefree.loading import load_model
 from hasslefree.perplexity import perplexity
 from hasslefree.pipeline import MatchOptions

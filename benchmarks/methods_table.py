@@ -47,7 +47,8 @@ from typing import Any
 import torch
 
 import hasslefree as hf
-from hasslefree.data import calibration_batch, eval_tokens
+from hasslefree.calibration import calibration_batch
+from hasslefree.data import eval_tokens
 from hasslefree.loading import load_model
 from hasslefree.loading.context import model_context_length
 from hasslefree.zeroshot import PAPER_TASKS

@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+import hasslefree.calibration as calibration
 import hasslefree.data as data
-from hasslefree.data import calibration_batch, documents, eval_max_windows, eval_text, eval_tokens
+from hasslefree.calibration import calibration_batch
+from hasslefree.data import documents, eval_max_windows, eval_text, eval_tokens
 from hasslefree.loading import find_data_dir
 from helpers import needs
 
@@ -102,7 +104,7 @@ def test_sample_document_windows_matches_sparsegpt_rules():
     import random
 
     lengths = [10, 300, 129, 128, 50]
-    spans = data.sample_document_windows(len(lengths), lengths.__getitem__, 200, 128, random.Random(0))
+    spans = calibration.sample_document_windows(len(lengths), lengths.__getitem__, 200, 128, random.Random(0))
     assert {d for d, _ in spans} == {1, 2}  # only documents with more than seqlen tokens
     assert all(0 <= s <= lengths[d] - 128 - 1 for d, s in spans)
 

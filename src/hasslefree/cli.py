@@ -167,7 +167,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hasslefree.data import calibration_batch, resolve_source
+    from hasslefree.calibration import calibration_batch
+    from hasslefree.data import resolve_source
     from hasslefree.loading.context import check_seqlen
     from hasslefree.pipeline import ResumeMismatch, check_calibration, compress, prepare
     from hasslefree.pipeline.api import check_options

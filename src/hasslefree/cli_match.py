@@ -42,7 +42,8 @@ def add_match_parser(sub: Any, parents: list[argparse.ArgumentParser], dtypes: t
 def match_command(args: argparse.Namespace) -> int:
     from hasslefree.checkpoint import CheckpointError, load_compressed, save_compressed
     from hasslefree.checkpoint.files import read_checkpoint_config
-    from hasslefree.data import calibration_batch, resolve_source
+    from hasslefree.calibration import calibration_batch
+    from hasslefree.data import resolve_source
     from hasslefree.evaluate import is_compressed_dir, load_any
     from hasslefree.loading import builtin_alias
     from hasslefree.loading.context import check_seqlen

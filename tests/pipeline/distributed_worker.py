@@ -72,7 +72,7 @@ def main() -> None:
     elif args.model == "llama":
         model, calibration = tiny_llama(num_hidden_layers=3), token_batch(args.windows, 32)
     else:
-        from hasslefree.data import calibration_batch
+        from hasslefree.calibration import calibration_batch
         from hasslefree.loading import find_data_file, load_model
 
         model, tok = load_model("stories260K")

@@ -208,7 +208,8 @@ def test_outputs_written_and_reloadable(tmp_path):
 
 
 def test_stories260k_two_four_end_to_end():
-    from hasslefree.data import calibration_batch, eval_tokens
+    from hasslefree.calibration import calibration_batch
+    from hasslefree.data import eval_tokens
     from hasslefree.loading import load_model
     from hasslefree.perplexity import perplexity
 

@@ -178,7 +178,7 @@ def compress(
     if calibration is None:
         if tokenizer is None:
             raise ValueError("pass calibration token ids, or a tokenizer to build them from calib")
-        from hasslefree.data import calibration_batch
+        from hasslefree.calibration import calibration_batch
 
         calibration = calibration_batch(tokenizer, calib, nsamples, check_seqlen(model, seqlen), seed)
     calibration = check_calibration(model, calibration)
