@@ -22,12 +22,13 @@ to stdout, one JSON line to benchmarks/results/methods_table.jsonl (or --results
     python benchmarks/methods_table.py --model smollm2 --nsamples 128 --seqlen 2048 --dtype bfloat16 \
         --methods dense sparsegpt oats hassle-free-fast hassle-free-fast+match --settings a
 
-``--iterations`` (default: each preset's own) applies to every sparse + low-rank row.
+``--iterations`` (default: each preset's own) applies to every sparse + low-rank row, ``--override``
+(as in ``hasslefree compress``) to every compressed row.
 ``--tasks piqa hellaswag ...`` adds 0-shot accuracy columns (lm-eval on the local task files,
 acc_norm where reported, full splits unless ``--limit``), kept in each row's file; a cached
 row gets only its missing tasks computed, which needs its model (dense, or ``--reuse``).
 ``--reuse DIR ...`` takes rows from finished ``hasslefree compress`` output directories
-whose run matches the row (method, pattern, rank, calibration, dtype, matching) instead of
+whose run matches the row (method, pattern, rank, overrides, skips, calibration, dtype, matching) instead of
 compressing again; the compressed model is loaded from DIR and evaluated.
 """
 
@@ -48,6 +49,7 @@ import torch
 
 import hasslefree as hf
 from hasslefree.calibration import calibration_batch
+from hasslefree.cli_args import UsageError, parse_overrides
 from hasslefree.data import eval_tokens
 from hasslefree.loading import load_model
 from hasslefree.loading.context import model_context_length
@@ -102,11 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rho", type=float, default=0.5, help="compression ratio in setting (b)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="+", default=[], metavar="REGEX", help="also leave these layers dense")
+    parser.add_argument("--override", action="append", default=[], metavar="REGEX=key:value,...",
+                        help="per-layer settings for every compressed row, as `hasslefree compress --override` "
+                             "(e.g. a depth-dependent rank); part of the row's cache key")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON lines file to append the record to")
     parser.add_argument("--cache", type=Path, default=CACHE, help="folder of finished rows")
     parser.add_argument("--fresh", action="store_true", help="recompute cached rows (do after changing the code)")
     args = parser.parse_args(argv)
+    try:
+        args.overrides = parse_overrides(args.override)
+    except UsageError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hasslefree").setLevel(logging.WARNING)
     if args.threads:
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if row["method"] != "dense":
                 prepare(model, pattern=row["pattern"], rank=rank_argument(row["rank"]), method=base_method(row["method"]),
-                        skip=[*DEFAULT_SKIP, *args.skip])
+                        overrides=args.overrides, skip=[*DEFAULT_SKIP, *args.skip])
         except ValueError as error:
             parser.error(f"{row['method']} {row['pattern']} rank {row['rank']}: {error}")
     del model

@@ -40,6 +40,7 @@ def header(args: argparse.Namespace) -> str:
                f"{args.match_target}" if any(m.endswith(MATCH) for m in args.methods) else "")
             + ("; +to-model: every layer fitted to the dense model's outputs of that layer (layer_target "
                "model)" if any(TO_MODEL in m for m in args.methods) else "")
+            + (f"; every compressed row with --override {' '.join(args.override)}" if args.override else "")
             + f". Perplexity in {args.eval_dtype}, windows of {args.eval_seqlen} tokens, {windows}. Pruning-only rows "
             f"store only "
             f"the kept weights (rank 0); params = stored values of the compressed linear layers"

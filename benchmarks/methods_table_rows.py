@@ -78,6 +78,8 @@ def row_key(row: dict[str, Any], args: argparse.Namespace) -> str:
             spec["match"] = match.to_dict()
         if layer_target(row) != "layer":
             spec["layer_target"] = layer_target(row)
+        if args.overrides:
+            spec["overrides"] = args.overrides
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,7 +139,7 @@ def run_row(row: dict[str, Any], calibration: torch.Tensor, tokens: dict[str, to
         prunes = hf.PRESETS[base_method(row["method"])].prunes_only
         report = compress(model, tok, calibration=calibration, pattern=row["pattern"], rank=rank_argument(row["rank"]),
                           method=base_method(row["method"]), iterations=None if prunes else args.iterations,
-                          seed=args.seed,
+                          seed=args.seed, overrides=args.overrides,
                           skip=[*DEFAULT_SKIP, *args.skip], progress=False, match=match,
                           layer_target=layer_target(row), activation_dtype=getattr(torch, args.dtype))
         ranks = [layer.rank for layer in report.layers]
@@ -205,7 +207,9 @@ def reusable(directory: Path, row: dict[str, Any], calibration: torch.Tensor, ar
             and config.get("calibration", {}).get("digest") == tensor_digest(calibration)
             and config.get("activation_dtype") == f"torch.{args.dtype}"
             and config.get("match") == (match.to_dict() if match else None)
-            and config.get("layer_target", "layer") == layer_target(row))
+            and config.get("layer_target", "layer") == layer_target(row)
+            and config.get("overrides", {}) == (args.overrides if args.overrides else {})
+            and config.get("skip") == [*DEFAULT_SKIP, *args.skip])
 
 
 def _policy_text(rank: int | str) -> str:
