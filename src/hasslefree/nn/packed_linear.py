@@ -46,11 +46,11 @@ from torch import Tensor, nn
 from hasslefree.nn import packed_dispatch
 from hasslefree import sparse_storage
 from hasslefree.nn.packed_format import check_nm_layout, nm_positions, pack_mask, popcount_u8, positive_zeros, unpack_mask
-from hasslefree.nn.sparse_lowrank_linear import SparseLowRankLinear, replace_linear
+from hasslefree.nn.sparse_lowrank_linear import SparseLowRankLinear
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedSparseLowRankLinear", "pack_model", "unpack_model"]
+__all__ = ["PackedSparseLowRankLinear"]
 
 class PackedSparseLowRankLinear(nn.Module):
     """``y = x W_Sᵀ + (x V) Uᵀ + b`` with W_S held packed (see the module docstring).
@@ -312,25 +312,3 @@ class PackedSparseLowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, pattern={self.pattern!r}, bias={self.bias is not None}, packed=True"
         )
-
-
-def pack_model(model: nn.Module, *, tile_rows: int | None = None) -> nn.Module:
-    """Replace every :class:`SparseLowRankLinear` in ``model`` by its packed form, in place.
-
-    Returns ``model``. Each layer is converted on its own device, one at a time."""
-    names = [name for name, mod in model.named_modules() if isinstance(mod, SparseLowRankLinear)]
-    for name in names:
-        packed = PackedSparseLowRankLinear.from_module(model.get_submodule(name), name=name)
-        if tile_rows is not None:
-            packed.tile_rows = tile_rows
-        replace_linear(model, name, packed)
-    logger.debug("packed %d SparseLowRankLinear layers", len(names))
-    return model
-
-
-def unpack_model(model: nn.Module) -> nn.Module:
-    """Inverse of :func:`pack_model`: packed layers back to dense-storage SparseLowRankLinear."""
-    names = [name for name, mod in model.named_modules() if isinstance(mod, PackedSparseLowRankLinear)]
-    for name in names:
-        replace_linear(model, name, model.get_submodule(name).to_module())
-    return model
