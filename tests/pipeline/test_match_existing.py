@@ -55,6 +55,7 @@ def test_every_block_is_tuned_on_the_tuned_chain_and_the_model_gets_closer(targe
     assert [m.block for m in run.matching] == list(range(BLOCKS))
     assert all(m.kept and m.loss_after < m.loss_before for m in run.matching)
     assert run.timings["match"] > 0 and run.resumed_blocks == 0
+    assert run.timings["match"] <= run.timings["total"]
     ours, dense_out = _block_outputs(model, ids), _block_outputs(dense, ids)
     for index, record in enumerate(run.matching):  # every block's record is its error on the tuned chain
         if target == "model":
@@ -158,3 +159,13 @@ def test_a_checkpoint_of_an_unknown_source_needs_dense(tmp_path, capsys):
     save_compressed(model, tmp_path / "c", run_config={"model": "/somewhere/else"})
     assert main(["match", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "--dense" in capsys.readouterr().err
+
+
+def test_summary_reports_the_wall_time_not_the_stages_plus_their_total():
+    from hasslefree.pipeline.match_existing import MatchRun
+    from hasslefree.pipeline.matching import MatchRecord
+
+    records = [MatchRecord(0, 0.4, 0.3, 8, 2.0, True), MatchRecord(1, 0.2, 0.2, 8, 1.0, False)]
+    run = MatchRun(records, {"capture": 1.0, "match": 3.0, "total": 5.0}, resumed_blocks=0)
+    assert run.mean_errors() == pytest.approx((0.3, 0.25))
+    assert run.summary() == "matched 1/2 blocks: mean relative output error 0.3 -> 0.25 in 5 s"
