@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="model dtype while compressing (forward passes, stored activations)")
     parser.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--match-epochs", type=int, default=1, help="matching epochs of the +match rows")
-    parser.add_argument("--match-lr", type=float, default=1e-4)
+    parser.add_argument("--match-lr", type=float, default=3e-4)
     parser.add_argument("--match-target", choices=("block", "model"), default="model")
     parser.add_argument("--tasks", nargs="*", default=[], metavar="TASK",
                         help=f"0-shot tasks as extra columns (the paper's: {' '.join(PAPER_TASKS)})")

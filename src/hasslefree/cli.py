@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = c.add_argument_group("block-output matching", "after each block is decomposed, tune its kept sparse "
                              "values and U, V so the block's outputs match the dense ones (Adam, cosine schedule)")
     m.add_argument("--match-epochs", type=int, default=0, help="passes over the calibration data (default 0: off)")
-    m.add_argument("--match-lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    m.add_argument("--match-lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     m.add_argument("--match-target", choices=("block", "model"), default="block",
                    help="block: the dense block on the same inputs; model: the dense model's own block outputs")
     m.add_argument("--match-tune-all", action="store_true",

@@ -21,7 +21,7 @@ def add_match_parser(sub: Any, parents: list[argparse.ArgumentParser], dtypes: t
     p.add_argument("--dense", help="the model the checkpoint was compressed from (default: the checkpoint's source "
                                    "when it is a built-in alias such as smollm2)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the calibration data (default 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     p.add_argument("--target", choices=("block", "model"), default="model",
                    help="model (default): the dense model's own block outputs; block: the dense block on the "
                         "same inputs")
