@@ -208,7 +208,7 @@ def reusable(directory: Path, row: dict[str, Any], calibration: torch.Tensor, ar
             and config.get("activation_dtype") == f"torch.{args.dtype}"
             and config.get("match") == (match.to_dict() if match else None)
             and config.get("layer_target", "layer") == layer_target(row)
-            and config.get("overrides", {}) == (args.overrides if args.overrides else {})
+            and config.get("overrides", {}) == args.overrides
             and config.get("skip") == [*DEFAULT_SKIP, *args.skip])
 
 
